@@ -1,0 +1,37 @@
+"""Executor and resource settings, in the words of ``sbatch`` users.
+
+This dataclass is embedded in the study config (``executor:`` section) and consumed by
+``sepnet.hpc.executors.make_executor``. It knows nothing of organs or models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class ExecutorConfig:
+    """Where and how jobs run.
+
+    kind: ``debug`` (in-process, for pdb), ``local`` (submitit LocalExecutor, subprocesses on this
+    machine) or ``slurm`` (submitit SlurmExecutor).
+    time_min: wall-clock limit in minutes. mem_gb: memory per node in GB (None = cluster default).
+    gpus_per_node: GPUs per node (0 = CPU jobs). tasks_per_node: DDP processes per node (one per GPU).
+    extra: any other sbatch option, passed through verbatim (e.g. ``{"reservation": "abc"}``).
+    """
+
+    kind: Literal["debug", "local", "slurm"] = "local"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = 60
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1
+    cpus_per_task: int = 1
+    mem_gb: float | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    array_parallelism: int = 16
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,342 @@
+"""The typed study config: one YAML file describes a whole study and is logged verbatim.
+
+``load_config(path)`` reads YAML into :class:`StudyConfig`, checking every key and type;
+an unknown key, a missing required key or a wrong type raises :class:`ConfigError` naming
+the key path (``training.batch_size``) and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sepnet.core.errors import ConfigError
+from sepnet.hpc.resources import ExecutorConfig
+
+NETWORK_NAMES = ("sepnet", "unet3d", "unet3d_res", "unet3d_se")
+LOSS_NAMES = ("dice", "exp_log", "ath_exp_log")
+TRANSFORM_NAMES = ("SLF1", "SLF2", "SLF3", "NLF1", "NLF2", "REF")
+
+
+@dataclass
+class PhantomConfig:
+    """Generate phantom data into the dataset path when it is missing."""
+
+    cases: int = 6
+    seed: int = 0
+    size: Literal["tiny", "small", "full"] = "small"
+
+
+@dataclass
+class DatasetConfig:
+    path: str
+    format: Literal["auto", "structseg", "pddca", "hanseg", "dicom"] = "auto"
+    phantom: PhantomConfig | None = None
+
+
+@dataclass
+class PreprocessConfig:
+    transforms: list[str] = field(default_factory=lambda: ["SLF1", "SLF2", "SLF3"])
+    crop: list[int] | None = field(default_factory=lambda: [256, 256])  # in-plane (y, x) voxels; None = off
+    spacing: list[float] | None = None  # target (z, y, x) mm; None = no resampling
+    chunks: list[int] = field(default_factory=lambda: [1, 16, 128, 128])  # (channel, z, y, x)
+    codec: Literal["zstd", "lz4", "none"] = "zstd"
+    clevel: int = 3
+    workers: int = 2
+
+
+@dataclass
+class FoldsConfig:
+    k: int = 5
+    seed: int = 0
+    split_file: str | None = None  # JSON {"folds": [{"train": [...], "val": [...], "test": [...]}]}
+    folds: list[int] | None = None  # which folds to run (None = all k)
+    val_fraction: float = 0.2  # of each fold's training cases, used for validation/model selection
+
+
+@dataclass
+class MemberConfig:
+    """One trained model: network x intensity transform x loss (x ATH alpha)."""
+
+    name: str
+    network: str = "sepnet"
+    transform: str = "SLF1"
+    loss: str = "ath_exp_log"
+    alpha: float = 0.5
+    base: int | None = None  # overrides training.base
+    separable_axis: Literal["z", "y", "x"] = "z"
+
+
+@dataclass
+class TrainingConfig:
+    """The paper's protocol by default (Sec. 4): Adam 1e-3, wd 1e-8, lr x0.9 every 10 epochs."""
+
+    base: int = 24
+    patch: list[int] = field(default_factory=lambda: [16, 128, 128])  # (z, y, x) voxels
+    batch_size: int = 4
+    epochs: int = 250
+    iterations_per_epoch: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 1e-8
+    lr_decay: float = 0.9
+    lr_step_epochs: int = 10
+    foreground_fraction: float = 0.5
+    val_every: int = 500  # iterations
+    checkpoint_every: int = 100  # iterations
+    amp: bool = True  # used on CUDA only
+    grad_accum: int = 1
+    num_workers: int = 2
+    seed: int = 0
+    pad: bool = True  # pad volumes smaller than the patch
+
+
+@dataclass
+class InferenceConfig:
+    patch: list[int] | None = None  # None = training.patch
+    overlap: float = 0.5
+    tta: bool = False
+    batch_size: int = 2
+
+
+@dataclass
+class EnsembleConfig:
+    weighting: Literal["rank", "equal"] = "rank"
+    rank_weights: list[float] | None = None  # None = paper's 5,4,3,1,1,1 (generalised for other N)
+    high_uncertainty_vvc: float = 0.2  # organs with VVC above this are flagged
+
+
+@dataclass
+class EvaluationConfig:
+    hd_convention: Literal["max", "pooled"] = "max"
+    percentile: float = 95.0
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI or sqlite:///<study>/mlflow.db
+    experiment: str | None = None  # None = study name
+
+
+@dataclass
+class StudyConfig:
+    name: str
+    root: str  # study folder (relative paths resolve against the config file's folder)
+    datasets: list[DatasetConfig]
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    folds: FoldsConfig = field(default_factory=FoldsConfig)
+    members: list[MemberConfig] = field(default_factory=list)
+    baselines: list[MemberConfig] = field(default_factory=list)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    # filled by load_config, not by the user
+    source_path: str | None = None
+    source_text: str | None = None
+
+    @property
+    def study_dir(self) -> Path:
+        return Path(self.root)
+
+    def models(self) -> list[MemberConfig]:
+        return list(self.members) + list(self.baselines)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source_path", None)
+        d.pop("source_text", None)
+        return d
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- generic loader
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if errors else f"{where}: must not be null")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        item = args[0] if args else Any
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("source_path", "source_text")}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]!s}; allowed keys{' in ' + where if where else ''}: "
+            + ", ".join(sorted(fields))
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key {key}")
+    return cls(**kwargs)
+
+
+def _validate(cfg: StudyConfig) -> None:
+    names = [m.name for m in cfg.models()]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"members/baselines: duplicate model name {sorted(dup)[0]!r}")
+    for i, m in enumerate(cfg.models()):
+        sect = f"members[{i}]" if i < len(cfg.members) else f"baselines[{i - len(cfg.members)}]"
+        if m.network not in NETWORK_NAMES:
+            raise ConfigError(f"{sect}.network: unknown network {m.network!r}; known: {', '.join(NETWORK_NAMES)}")
+        if m.loss not in LOSS_NAMES:
+            raise ConfigError(f"{sect}.loss: unknown loss {m.loss!r}; known: {', '.join(LOSS_NAMES)}")
+        if m.transform not in TRANSFORM_NAMES:
+            raise ConfigError(
+                f"{sect}.transform: unknown transform {m.transform!r}; known: {', '.join(TRANSFORM_NAMES)}"
+            )
+        if m.transform not in cfg.preprocess.transforms:
+            raise ConfigError(
+                f"{sect}.transform: {m.transform!r} is not in preprocess.transforms {cfg.preprocess.transforms}"
+            )
+        if m.alpha <= 0:
+            raise ConfigError(f"{sect}.alpha: must be > 0, got {m.alpha}")
+    for t in cfg.preprocess.transforms:
+        if t not in TRANSFORM_NAMES:
+            raise ConfigError(f"preprocess.transforms: unknown transform {t!r}; known: {', '.join(TRANSFORM_NAMES)}")
+    p = cfg.training.patch
+    if len(p) != 3 or any(v <= 0 for v in p):
+        raise ConfigError(f"training.patch: expected 3 positive sizes (z, y, x), got {p}")
+    if p[0] % 8:
+        raise ConfigError(f"training.patch: depth {p[0]} must be divisible by 8 (three 2x poolings along z)")
+    if p[1] % 8 or p[2] % 8:
+        raise ConfigError(f"training.patch: in-plane size {p[1:]} must be divisible by 8")
+    if cfg.folds.k < 2 and cfg.folds.split_file is None:
+        raise ConfigError(f"folds.k: need at least 2 folds, got {cfg.folds.k}")
+    if not 0 < cfg.inference.overlap < 1:
+        raise ConfigError(f"inference.overlap: must be in (0, 1), got {cfg.inference.overlap}")
+    if not cfg.datasets:
+        raise ConfigError("datasets: at least one dataset is needed")
+
+
+def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> StudyConfig:
+    """Build and validate a StudyConfig from plain data; relative paths resolve against base_dir."""
+    cfg = _from_dict(StudyConfig, data, "")
+    if base_dir is not None:
+        cfg.root = str((base_dir / cfg.root).resolve()) if not Path(cfg.root).is_absolute() else cfg.root
+        for d in cfg.datasets:
+            if not Path(d.path).is_absolute():
+                d.path = str((base_dir / d.path).resolve())
+        if cfg.folds.split_file and not Path(cfg.folds.split_file).is_absolute():
+            cfg.folds.split_file = str((base_dir / cfg.folds.split_file).resolve())
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, *, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Read and validate a study YAML. Errors name the file and the key.
+
+    overrides: dotted keys replacing values after reading (``{"training.epochs": 1}``).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for key, value in (overrides or {}).items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    try:
+        cfg = config_from_dict(data, base_dir=path.resolve().parent)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    cfg.source_path = str(path.resolve())
+    cfg.source_text = text
+    return cfg
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten nested config data into dotted keys (for MLflow params)."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                out.update(flatten(x, f"{key}.{i}."))
+        else:
+            out[key] = json.dumps(v) if not isinstance(v, str) else v
+    return out
