@@ -1,0 +1,130 @@
+"""MLflow helpers: where runs go, and idempotent run creation so reruns never duplicate runs.
+
+A study is one experiment; each trained model (member x fold) is one run, found again on rerun by
+its tag ``sepnet.key``; a parent run (the study / the fold) holds children via ``mlflow.parentRunId``.
+All functions take an explicit ``MlflowClient``: nothing touches MLflow's global active run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from sepnet.jobs.config import StudyConfig, flatten
+
+KEY_TAG = "sepnet.key"
+PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value (characters)
+_BATCH = 100  # MLflow's limit on params per log_batch call
+
+
+def resolve_uri(cfg: StudyConfig) -> str:
+    """``mlflow.tracking_uri`` of the config, else ``$MLFLOW_TRACKING_URI``, else
+    ``sqlite:///<study root>/mlflow.db`` (MLflow 3 refuses a plain file store by default)."""
+    if cfg.mlflow.tracking_uri:
+        return cfg.mlflow.tracking_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(cfg.root).resolve() / 'mlflow.db'}"
+
+
+def client(uri: str) -> Any:
+    """An ``MlflowClient`` for ``uri`` (imported lazily: mlflow takes seconds to import)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """``mlartifacts/`` beside a sqlite database, so artifacts never land in the working directory
+    (MLflow's default ``./mlruns``); None for servers, which choose their own."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def ensure_experiment(client: Any, name: str, *, artifact_location: str | None = None) -> str:
+    """The id of experiment ``name``, created if missing (restored if deleted)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    if artifact_location is None:
+        artifact_location = default_artifact_location(client.tracking_uri)
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # noqa: BLE001 - another process created it between our two calls
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def find_run(client: Any, experiment_id: str, key: str) -> str | None:
+    """The run id tagged ``sepnet.key = key`` (the oldest if several), or None."""
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{_quote(key)}'", max_results=10,
+        order_by=["attributes.start_time ASC"],
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def get_or_create_run(
+    client: Any, experiment_id: str, *, key: str, name: str, parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """The run for ``key``: found by its ``sepnet.key`` tag, else created (and tagged). Tags are
+    (re)set either way, so a resumed job updates e.g. its executor job id. Reopens a finished run."""
+    run_id = find_run(client, experiment_id, key)
+    all_tags = {KEY_TAG: key, "mlflow.runName": name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    if run_id is None:
+        run = client.create_run(experiment_id, run_name=name, tags=all_tags)
+        return run.info.run_id
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
+    if client.get_run(run_id).info.status != "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def log_params_flat(client: Any, run_id: str, params: dict[str, Any]) -> dict[str, str]:
+    """Log nested ``params`` as dotted keys (``training.lr``), values cut to 6000 characters, in
+    batches. Params already logged with the same value are skipped, so a rerun can call it again.
+    Returns what was logged."""
+    from mlflow.entities import Param
+
+    flat = flatten(params)
+    flat = {k: (v if len(v) <= PARAM_VALUE_LIMIT else v[: PARAM_VALUE_LIMIT - 3] + "...") for k, v in flat.items()}
+    have = client.get_run(run_id).data.params
+    todo = [Param(k, v) for k, v in flat.items() if have.get(k) != v]
+    for i in range(0, len(todo), _BATCH):
+        client.log_batch(run_id, params=todo[i : i + _BATCH])
+    return flat
+
+
+def log_config_text(client: Any, run_id: str, text: str, *, name: str = "config.yaml") -> None:
+    """Store the config exactly as written (an artifact ``name``)."""
+    client.log_text(run_id, text, name)
+
+
+def git_commit(path: str | Path | None = None) -> str | None:
+    """``git rev-parse HEAD`` of the sepnet source tree (or ``path``), None outside a git checkout."""
+    where = Path(path) if path is not None else Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
