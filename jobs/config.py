@@ -21,7 +21,7 @@ import yaml
 from sepnet.core.errors import ConfigError
 from sepnet.hpc.resources import ExecutorConfig
 
-NETWORK_NAMES = ("sepnet", "unet3d", "unet3d_res", "unet3d_se")
+NETWORK_NAMES = ("sepnet", "sepnet_se", "unet3d", "unet3d_res", "unet3d_se")
 LOSS_NAMES = ("dice", "exp_log", "ath_exp_log")
 TRANSFORM_NAMES = ("SLF1", "SLF2", "SLF3", "NLF1", "NLF2", "REF")
 
