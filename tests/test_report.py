@@ -1,0 +1,188 @@
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from sepnet.core.ensemble import vote_entropy
+from sepnet.evaluation import figures
+from sepnet.evaluation.report import (
+    CaseMetricRow,
+    ModelInfo,
+    StudyResults,
+    VVCRow,
+    evaluate_claims,
+    write_report,
+)
+from sepnet.evaluation.uncertainty import UncertaintyCounts, error_counts
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ORGANS = (1, 4, 8, 20)  # brain stem (w 100), lens L (50, small), chiasm (50, small), spinal cord (100)
+W = {1: 100, 4: 50, 8: 50, 20: 100}
+CASES = [(0, "c0"), (0, "c1"), (1, "c2"), (1, "c3")]
+# model -> organ -> base Dice; case k adds 0.01 * k
+BASE = {
+    "slf1_a05": {1: 0.85, 4: 0.70, 8: 0.50, 20: 0.80},
+    "slf2_a1": {1: 0.84, 4: 0.72, 8: 0.52, 20: 0.79},
+    "nlf1": {1: 0.80, 4: 0.65, 8: 0.45, 20: 0.78},  # worse than SLF1 -> claim 1 held
+    "lexp": {1: 0.90, 4: 0.75, 8: 0.55, 20: 0.85},  # better than ATH -> claim 2 not held
+    "unet": {1: 0.90, 4: 0.60, 8: 0.40, 20: 0.85},  # better on large, worse on small -> claim 3 held
+    "ensemble": {1: 0.88, 4: 0.78, 8: 0.58, 20: 0.83},  # above both members -> claim 4 held
+}
+MODELS = {
+    "slf1_a05": ModelInfo("slf1_a05", "member", "sepnet", "SLF1", "ath_exp_log", 0.5, 2505527, {0: 3600, 1: 3000}),
+    "slf2_a1": ModelInfo("slf2_a1", "member", "sepnet", "SLF2", "ath_exp_log", 1.0, 2505527, {0: 3500, 1: 3100}),
+    "nlf1": ModelInfo("nlf1", "baseline", "sepnet", "NLF1", "ath_exp_log", 0.5, 2505527, {0: 3400}),
+    "lexp": ModelInfo("lexp", "baseline", "sepnet", "SLF1", "exp_log", None, 2505527),
+    "unet": ModelInfo("unet", "baseline", "unet3d", "SLF1", "ath_exp_log", 0.5, 9179207, {0: 7200, 1: 7000}),
+    "ensemble": ModelInfo("ensemble", "ensemble"),
+}
+
+
+def dice_of(model, k, organ):
+    return BASE[model][organ] + 0.01 * k
+
+
+def hd_of(model, k, organ):
+    return 5.0 - 3.0 * dice_of(model, k, organ)
+
+
+def _rows():
+    rows = []
+    for model in BASE:
+        for k, (fold, case) in enumerate(CASES):
+            for organ in ORGANS:
+                hd = hd_of(model, k, organ)
+                if model == "unet" and k == 3 and organ == 8:
+                    hd = float("inf")  # an empty prediction: left out of HD95 means
+                rows.append(CaseMetricRow(fold, model, case, organ, dice_of(model, k, organ), hd, hd / 3, ""))
+    return rows
+
+
+def _uncertainty():
+    # level counts whose error rate rises with entropy (3 voters: levels 0, 0.6365, 1.0986)
+    return UncertaintyCounts(
+        3,
+        {"whole": [1000, 100, 10], "background": [900, 60, 5], "organs": [100, 40, 5]},
+        {"whole": [10, 30, 6], "background": [5, 15, 2], "organs": [5, 15, 4]},
+    )
+
+
+def _vvc_rows():
+    # VVC rises with Dice across organs -> claim 6 "not held" (paper: negative)
+    return [VVCRow(f, c, o, 0.1 * i + 0.01 * k, 0.6 + 0.05 * i) for i, o in enumerate(ORGANS)
+            for k, (f, c) in enumerate(CASES)]
+
+
+def _results(**kw):
+    args = dict(study="unit", folds=[0, 1], models=dict(MODELS), per_case=_rows(), uncertainty=_uncertainty(),
+                vvc=_vvc_rows(), meta={"dataset": "synthetic"})
+    args.update(kw)
+    return StudyResults(**args)
+
+
+def test_claims_as_constructed():
+    claims = {c.id: c for c in evaluate_claims(_results())}
+    assert [claims[i].status for i in range(1, 7)] == ["held", "not held", "held", "held", "held", "not held"]
+    # claim 1 numbers: mean over cases of the unweighted organ mean
+    n1 = claims[1].numbers[0]
+    assert n1["model"] == "slf1_a05" and n1["other"] == "nlf1" and n1["cases"] == 4
+    expected = np.mean([np.mean([dice_of("slf1_a05", k, o) for o in ORGANS]) for k in range(4)])
+    assert n1["dice"] == pytest.approx(expected)
+    # claim 3 on small organs only (lens, chiasm)
+    n3 = claims[3].numbers[0]
+    assert n3["other"] == "unet"
+    assert n3["other_dice"] == pytest.approx(np.mean([(dice_of("unet", k, 4) + dice_of("unet", k, 8)) / 2
+                                                      for k in range(4)]))
+    # claim 4 weighted by StructSeg weights; the best member is slf2_a1 (weighted)
+    wmean = [sum(W[o] * dice_of("ensemble", k, o) for o in ORGANS) / sum(W.values()) for k in range(4)]
+    n4 = {x["other"]: x for x in claims[4].numbers}
+    assert n4["slf1_a05"]["dice"] == pytest.approx(np.mean(wmean))
+    assert "ensemble" in claims[4].detail
+
+
+def test_claims_not_measured_without_models():
+    rows = [r for r in _rows() if r.model == "slf1_a05"]
+    res = StudyResults("one", [0, 1], {"slf1_a05": MODELS["slf1_a05"]}, rows)
+    claims = evaluate_claims(res)
+    assert [c.status for c in claims] == ["not measured"] * 6
+    assert "needs an SLF and an NLF model" in claims[0].detail
+    assert "in the config" in claims[0].detail
+
+
+def test_write_report_tables_and_files(tmp_path):
+    out = tmp_path / "report"
+    md_path = write_report(_results(), out)
+    assert md_path == out / "report.md"
+    for name in ("report.md", "report.json", "per_case.csv", "dice_table.csv", "hd95_table.csv", "models.csv",
+                 "uncertainty_levels.csv", "vvc_dice.csv"):
+        assert (out / name).is_file(), name
+    for name in ("dice_by_organ.png", "hd95_by_organ.png", "error_rates.png", "vvc_dice.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000, name
+    assert not list(out.glob("*.tmp-*"))
+
+    with open(out / "dice_table.csv") as f:
+        table = {(r["model"], r["organ_id"]): r for r in csv.DictReader(f)}
+    # per-organ mean/std over the four cases
+    vals = [dice_of("lexp", k, 4) for k in range(4)]
+    assert float(table[("lexp", "4")]["mean"]) == pytest.approx(np.mean(vals))
+    assert float(table[("lexp", "4")]["std"]) == pytest.approx(np.std(vals))
+    # weighted average: per-case weighted mean, then mean over cases
+    w = [sum(W[o] * dice_of("unet", k, o) for o in ORGANS) / 300 for k in range(4)]
+    assert float(table[("unet", "weighted")]["mean"]) == pytest.approx(np.mean(w))
+    small = [np.mean([dice_of("slf2_a1", k, o) for o in (4, 8)]) for k in range(4)]
+    assert float(table[("slf2_a1", "small")]["mean"]) == pytest.approx(np.mean(small))
+    with open(out / "hd95_table.csv") as f:
+        hd = {(r["model"], r["organ_id"]): r for r in csv.DictReader(f)}
+    assert int(hd[("unet", "8")]["n"]) == 3 and int(hd[("unet", "8")]["missing"]) == 1
+    assert float(hd[("unet", "8")]["mean"]) == pytest.approx(np.mean([hd_of("unet", k, 8) for k in range(3)]))
+
+    md = md_path.read_text()
+    # the lens row's best is the ensemble
+    lens_mean = 100 * np.mean([dice_of("ensemble", k, 4) for k in range(4)])
+    lens_std = 100 * np.std([dice_of("ensemble", k, 4) for k in range(4)])
+    assert f"**{lens_mean:.1f} ± {lens_std:.1f}**" in md
+    assert "| Lens L |" in md and "Weighted average (StructSeg)" in md and "Small organs" in md
+    assert "✅ held" in md and "❌ not held" in md
+    # slf1_a05 trained 3600 s and 3000 s: 3300 s = 0:55:00 per fold, 6600 s = 1:50:00 in total
+    assert "| slf1_a05 | member | 3D-SepNet | SLF1 | ATH-L_Exp | 0.5 | 2,505,527 | 0:55:00 | 1:50:00 |" in md
+    # brain stem: lexp and unet tie (0.90 + mean 0.015) -> both bold
+    assert "| Brain Stem | 86.5 ± 1.1 | 85.5 ± 1.1 | 81.5 ± 1.1 | **91.5 ± 1.1** | **91.5 ± 1.1** | 89.5 ± 1.1 |" in md
+    rep = json.loads((out / "report.json").read_text())
+    assert [c["status"] for c in rep["claims"]] == ["held", "not held", "held", "held", "held", "not held"]
+    assert rep["summary"]["ensemble"]["dice"]["weighted"]["n"] == 4
+    assert rep["uncertainty"]["voxels"]["whole"] == [1000, 100, 10]
+
+
+def test_write_report_minimal_without_uncertainty(tmp_path):
+    rows = [r for r in _rows() if r.model in ("slf1_a05", "ensemble")]
+    res = StudyResults("min", [0], {"slf1_a05": MODELS["slf1_a05"], "ensemble": MODELS["ensemble"]}, rows)
+    write_report(res, tmp_path)
+    assert not (tmp_path / "error_rates.png").exists()
+    md = (tmp_path / "report.md").read_text()
+    assert "not measured (needs ensemble uncertainty counts" in md
+    with pytest.raises(ValueError, match="not in StudyResults.models"):
+        write_report(StudyResults("bad", [0], {}, rows), tmp_path / "bad")
+
+
+def test_figures_write_valid_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.normal(0, 20, (8, 24, 24)).astype(np.float32)
+    ref = np.zeros((8, 24, 24), np.uint8)
+    ref[2:6, 6:14, 6:14] = 1
+    ref[3:5, 15:20, 15:20] = 4
+    members = np.stack([np.roll(ref, s, axis=2) for s in (0, 0, 1, 1, -1, 0)])
+    h = vote_entropy(members)
+    p = figures.overlay_figure(img, ref, members[0], tmp_path / "a" / "overlay.png", spacing_zyx=(3, 1, 1),
+                               title="t")
+    assert p.read_bytes()[:8] == PNG_MAGIC
+    assert figures.uncertainty_figure(img, h, tmp_path / "u.png", spacing_zyx=(3, 1, 1), ref=ref).is_file()
+    c = error_counts(members[0], ref, h, n_members=6)
+    assert figures.error_rate_figure(c.table(), tmp_path / "e.png").read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match="does not match"):
+        figures.overlay_figure(img, ref[:4], None, tmp_path / "x.png", spacing_zyx=(3, 1, 1))
+    assert not math.isnan(float(h.max()))
