@@ -260,6 +260,12 @@ class WaitReport:
 
 def _outcome(job: Any) -> tuple[str, Any, str | None]:
     """(state, result, error message or None) of a finished job."""
+    if isinstance(job, submitit.DebugJob):
+        # exception() runs the function without the debug job's pdb post-mortem: wait() reports
+        exc = job.exception()
+        if exc is None:
+            return "COMPLETED", job.result(), None
+        return "FAILED", None, f"{type(exc).__name__}: {exc}"
     try:
         results = job.results()  # all tasks; with tasks_per_node > 1 job.result() is not enough
         state = "COMPLETED"
@@ -268,8 +274,17 @@ def _outcome(job: Any) -> tuple[str, Any, str | None]:
         state = str(getattr(job, "state", "FAILED") or "FAILED").upper()
         if state not in _FAILED_STATES:
             state = "FAILED"
-        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-        return state, None, lines[-1] if lines else type(exc).__name__
+        return state, None, _error_line(str(exc)) or type(exc).__name__
+
+
+def _error_line(text: str) -> str:
+    """The line naming the exception in a submitit error (``ValueError: ...``), else the first line;
+    the log paths follow it."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    errs = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", ln)]
+    if errs:
+        return errs[-1]
+    return lines[0] if lines else ""
 
 
 def wait(jobs: Sequence[Any], *, poll_s: float = 5.0, progress: Callable[[str], None] | None = None) -> WaitReport:
@@ -277,8 +292,8 @@ def wait(jobs: Sequence[Any], *, poll_s: float = 5.0, progress: Callable[[str], 
 
     A job cancelled (``scancel``), killed (OOM) or timed out ends as failed with its state and
     the last line of its error: it is not waited on forever (SLURM accounting must be on so that
-    ``sacct`` knows the state). Debug jobs run here, in this process. ``progress`` receives one
-    line per finished job.
+    ``sacct`` knows the state). Debug jobs run here, in this process (without the debug executor's
+    pdb post-mortem on failure). ``progress`` receives one line per finished job.
     """
     report = WaitReport()
     pending = list(jobs)
