@@ -94,8 +94,8 @@ def fuse(probs, weights=None):
 
     Returns:
         float32 (K, ...) fused probabilities, numpy or torch like the input members (torch stays on its
-        device). Each class is normalised by its own weight sum, so if every member sums to 1 over
-        classes the result need not exactly; take argmax over classes for labels.
+        device). Each class is normalised by its own weight sum, so the fused classes of a voxel need
+        not sum to exactly 1 even when every member's do; take the argmax over classes for labels.
     """
     if isinstance(probs, (np.ndarray, torch.Tensor)):
         if probs.ndim < 2:

@@ -304,7 +304,7 @@ def metric_bars_figure(
     ax.set_xticks(pos, [ORGAN_NAMES.get(o, str(o)) for o in organs], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=min(len(models), 4))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
