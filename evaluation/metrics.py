@@ -255,10 +255,7 @@ def _label_boxes(labels: np.ndarray, max_label: int) -> list[tuple[slice, ...] |
     outer = tuple(slice(a, b) for a, b in zip(lo, hi))
     boxes = ndimage.find_objects(labels[outer], max_label=max_label)
     boxes = list(boxes) + [None] * (max_label - len(boxes))
-    return [
-        None if b is None else tuple(slice(s.start + o, s.stop + o) for s, o in zip(b, lo))
-        for b in boxes
-    ]
+    return [None if b is None else tuple(slice(s.start + o, s.stop + o) for s, o in zip(b, lo)) for b in boxes]
 
 
 def _merge(a: tuple[slice, ...] | None, b: tuple[slice, ...] | None) -> tuple[slice, ...] | None:
@@ -337,8 +334,14 @@ def evaluate_case(
             d_ab, d_ba = _directed_distances(p, r, sp)
             out.append(
                 OrganMetrics(
-                    organ, name, d, _hd(d_ab, d_ba, float(percentile), convention), _assd(d_ab, d_ba),
-                    vol_p, vol_r, Flag.OK,
+                    organ,
+                    name,
+                    d,
+                    _hd(d_ab, d_ba, float(percentile), convention),
+                    _assd(d_ab, d_ba),
+                    vol_p,
+                    vol_r,
+                    Flag.OK,
                 )
             )
     return out
@@ -416,8 +419,13 @@ def metrics_table(
         summary[f"{key}_mean"] = _stats(list(means.values()))[0]
         summary[f"{key}_weighted"] = _weighted(means)
         per_case = [
-            _weighted({m.organ: (m.dice if key == "dice" else dist(m, getattr(m, key))) for m in results
-                       if m.flag != Flag.NOT_ANNOTATED})
+            _weighted(
+                {
+                    m.organ: (m.dice if key == "dice" else dist(m, getattr(m, key)))
+                    for m in results
+                    if m.flag != Flag.NOT_ANNOTATED
+                }
+            )
             for results in results_by_case.values()
         ]
         mean, std, _ = _stats(per_case)
