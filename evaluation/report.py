@@ -100,11 +100,30 @@ class StudyResults:
     meta: dict[str, Any] = field(default_factory=dict)  # shown as "key: value" lines in the header
 
     def __post_init__(self) -> None:
-        self.per_case = [r if isinstance(r, CaseMetricRow) else CaseMetricRow(**r) for r in self.per_case]
-        self.vvc = [r if isinstance(r, VVCRow) else VVCRow(**r) for r in self.vvc]
+        self.per_case = [r if isinstance(r, CaseMetricRow) else _row_from_dict(CaseMetricRow, r) for r in self.per_case]
+        self.vvc = [r if isinstance(r, VVCRow) else _row_from_dict(VVCRow, r) for r in self.vvc]
         for name, m in self.models.items():
             if m.name != name:
                 raise ValueError(f"StudyResults.models: key {name!r} differs from ModelInfo.name {m.name!r}")
+
+
+_ALIASES = {"case": "case_id", "organ": "organ_id"}
+_TYPES = {"fold": int, "organ_id": int, "case_id": str, "model": str, "flag": str,
+          "dice": float, "hd95": float, "assd": float, "vvc": float}
+
+
+def _row_from_dict(cls, d: dict):
+    """A row dataclass from a dict such as a CSV row of jobs/evaluate (``case``/``organ`` accepted for
+    ``case_id``/``organ_id``; values converted from strings; unknown keys like ``name`` ignored)."""
+    names = {f for f in cls.__dataclass_fields__}
+    kw = {}
+    for k, v in d.items():
+        k = _ALIASES.get(k, k)
+        if k in names:
+            if k in ("dice", "hd95", "assd", "vvc") and (v is None or v == ""):
+                v = float("nan")
+            kw[k] = _TYPES.get(k, lambda x: x)(v)
+    return cls(**kw)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -467,8 +486,14 @@ def write_report(results: StudyResults, out_dir: str | os.PathLike) -> Path:
            + "), then mean ± std over cases. Best per row in bold."]
     missing = sum(1 for r in results.per_case if not math.isfinite(float(r.hd95)))
     if missing:
-        md.append(f"{missing} (model, case, organ) rows have no finite HD95 (empty prediction or reference) "
+        md.append(f"{missing} (model, case, organ) rows have no finite HD95 (an empty or not annotated mask) "
                   "and are left out of the HD95 means.")
+    flags: dict[str, int] = {}
+    for r in results.per_case:
+        if r.flag and r.flag != "ok":
+            flags[r.flag] = flags.get(r.flag, 0) + 1
+    if flags:
+        md.append("Flags over all rows: " + ", ".join(f"{k} {v}" for k, v in sorted(flags.items())) + ".")
 
     # models
     md += ["", "## Models", "", _md_row(["model", "kind", "network", "transform", "loss", "α", "parameters",

@@ -158,6 +158,18 @@ def test_write_report_tables_and_files(tmp_path):
     assert rep["uncertainty"]["voxels"]["whole"] == [1000, 100, 10]
 
 
+def test_rows_from_csv_style_dicts():
+    # the keys and string values jobs/evaluate writes to metrics.csv / vvc.csv
+    res = StudyResults("d", [0], {"m": ModelInfo("m")},
+                       [{"fold": "0", "model": "m", "case": "c0", "organ": "4", "name": "Lens_L", "dice": "0.5",
+                         "hd95": "nan", "assd": "", "vol_pred_cm3": "0.1", "flag": "pred_empty"}],
+                       vvc=[{"fold": 0, "case": "c0", "organ": 4, "name": "Lens_L", "vvc": "0.2", "dice": 0.5}])
+    r = res.per_case[0]
+    assert (r.fold, r.case_id, r.organ_id, r.dice, r.flag) == (0, "c0", 4, 0.5, "pred_empty")
+    assert math.isnan(r.hd95) and math.isnan(r.assd)
+    assert res.vvc[0] == VVCRow(0, "c0", 4, 0.2, 0.5)
+
+
 def test_write_report_minimal_without_uncertainty(tmp_path):
     rows = [r for r in _rows() if r.model in ("slf1_a05", "ensemble")]
     res = StudyResults("min", [0], {"slf1_a05": MODELS["slf1_a05"], "ensemble": MODELS["ensemble"]}, rows)
