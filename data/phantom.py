@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,11 +324,11 @@ def _anatomy(p: _Params) -> list[_Shape]:
         rho = np.sqrt(_ell_q(ax, ay, az, cran_c, sk_r))
         depth = (1.0 - rho) * r_eff
         # the vault reaches lower at the back (occiput) than at the sides (temporal bone) and the face
-        zcut = np.where(ay > 20.0, -52.0, np.where(ay > -40.0, -28.0, -8.0))
+        zcut = np.where(ay > 20.0, -53.0, np.where(ay > -40.0, -28.0, -8.0))
         m = (rho <= 1.0) & (az > zcut)
         v = np.where(depth < 1.8, t_table, np.where(depth < sk_thick - 2.0, t_diploe, t_table))
         # inside the vault: a bony skull base just under the cranial floor, soft tissue further down
-        base = az > _brain_floor(ay) - 9.0
+        base = az > _brain_floor(ay) - 5.0
         v = np.where(depth >= sk_thick, np.where(base, t_base, t_soft), v).astype(np.float32)
         amp = np.where(depth < sk_thick, 120.0, np.where(base, 250.0, 4.0)).astype(np.float32)
         return m, v, amp
@@ -748,40 +747,14 @@ def _index_range(coords: np.ndarray, lo: float, hi: float) -> tuple[int, int]:
 # Writing datasets.
 
 
-def _write_structseg_fallback(case: Case, out_dir: Path) -> Path:
-    """StructSeg layout ``<out_dir>/<case_id>/data.nii.gz`` + ``label.nii.gz`` (SimpleITK)."""
-    import SimpleITK as sitk
-
-    d = out_dir / case.case_id
-    d.mkdir(parents=True, exist_ok=True)
-    for name, arr in (("data.nii.gz", case.image), ("label.nii.gz", case.label)):
-        img = sitk.GetImageFromArray(arr)
-        img.SetSpacing(case.geometry.spacing)
-        img.SetOrigin(case.geometry.origin)
-        img.SetDirection(case.geometry.direction)
-        sitk.WriteImage(img, str(d / name), useCompression=True)
-    return d
-
-
-def _write_case(case: Case, out_dir: Path, fmt: str) -> None:
-    try:
-        from sepnet.data import readers
-    except ImportError:
-        readers = None
-    if readers is not None and hasattr(readers, "write_case"):
-        readers.write_case(case, out_dir, format=fmt)
-    elif fmt == "structseg":
-        _write_structseg_fallback(case, out_dir)
-    else:
-        raise DataError(f"phantom format {fmt!r}: needs sepnet.data.readers.write_case, which is not available")
-
-
 def write_phantom(out, *, cases: int, seed: int, size: str = "small", format: str = "structseg") -> list[Path]:
     """Write ``cases`` phantom cases ``phantom_000``, ... into ``out``; case i uses seed ``(seed, i)``.
 
-    Each case is written into a temporary folder inside ``out`` and moved into place when complete, so an
-    interrupted run leaves no half-written case; cases already present are skipped (not re-rendered).
-    Returns the paths of all ``cases`` cases (written or already there).
+    format: ``structseg`` | ``pddca`` | ``hanseg`` | ``dicom``, written by ``sepnet.data.readers.write_case``
+    as ``out/<case_id>/...``, which builds each case folder under a temporary name and renames it into place,
+    so an interrupted run leaves no half-written case. Cases whose folder exists are skipped (not re-rendered).
+    Returns the folders of all ``cases`` cases (written or already there). Raises DataError when ``out``
+    cannot be written.
     """
     if format not in FORMATS:
         raise DataError(f"phantom format {format!r}: unknown, use one of {list(FORMATS)}")
@@ -797,32 +770,17 @@ def write_phantom(out, *, cases: int, seed: int, size: str = "small", format: st
         probe.unlink()
     except OSError as exc:
         raise DataError(f"{out}: cannot write the phantom dataset here ({exc.strerror or exc})") from exc
+    from sepnet.data.readers import write_case  # imported late: SimpleITK/pydicom load only when writing
+
     paths: list[Path] = []
     for i in range(cases):
         cid = f"phantom_{i:03d}"
-        existing = _existing(out, cid)
-        if existing:
-            log.info("phantom: %s already present, skipped", cid)
-            paths.extend(existing)
+        dest = out / cid
+        if dest.exists():
+            log.info("phantom: %s already present, skipped", dest)
+            paths.append(dest)
             continue
         case = make_case(seed=(int(seed), i), size=size, case_id=cid)
-        tmp = out / f".{cid}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        try:
-            _write_case(case, tmp, format)
-            written = []
-            for entry in sorted(tmp.iterdir()):
-                dest = out / entry.name
-                os.replace(entry, dest)
-                written.append(dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        log.info("phantom: wrote %s", ", ".join(map(str, written)))
-        paths.extend(written)
+        paths.append(Path(write_case(case, out, format=format)))
+        log.info("phantom: wrote %s", paths[-1])
     return paths
-
-
-def _existing(out: Path, cid: str) -> list[Path]:
-    return sorted(p for p in out.iterdir() if p.name == cid or p.name.startswith(cid + "."))
