@@ -196,7 +196,7 @@ class EvalTask:
             fig_dir = out / "figures"
             fig_dir.mkdir(parents=True, exist_ok=True)
             figures.overlay_figure(img, ref, ens, fig_dir / f"overlay_{case}.png", spacing_zyx=meta.spacing_zyx,
-                                   title=f"fold {self.spec.fold} {case}: ensemble (red) vs reference (green)")
+                                   title=f"fold {self.spec.fold} {case}: reference (solid) vs ensemble (dashed)")
             figures.uncertainty_figure(img, entropy, fig_dir / f"uncertainty_{case}.png",
                                        spacing_zyx=meta.spacing_zyx, title=f"vote entropy, {case}")
 

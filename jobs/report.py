@@ -1,0 +1,122 @@
+"""The report job: collects every evaluated fold of a study and writes the cross-fold report.
+
+Reads ``<root>/eval/fold<F>/{done.json, metrics.csv, vvc.csv, uncertainty.json}``, builds a
+:class:`sepnet.evaluation.report.StudyResults`, writes ``<root>/report/`` and logs it as artifacts
+of the study's parent MLflow run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from sepnet.core.errors import DataError
+from sepnet.jobs.config import StudyConfig
+from sepnet.jobs.study import Layout
+
+log = logging.getLogger("sepnet.report")
+
+
+def collect_results(cfg: StudyConfig, fold_ids: list[int]):
+    from sepnet.evaluation.report import ModelInfo, StudyResults
+    from sepnet.evaluation.uncertainty import UncertaintyCounts, pool
+
+    layout = Layout(Path(cfg.root))
+    models: dict[str, ModelInfo] = {}
+    for m in cfg.models():
+        models[m.name] = ModelInfo(name=m.name, kind="member" if m in cfg.members else "baseline",
+                                   network=m.network, transform=m.transform, loss=m.loss,
+                                   alpha=m.alpha if m.loss == "ath_exp_log" else None)
+    models["ensemble"] = ModelInfo(name="ensemble", kind="ensemble", network="sepnet")
+    per_case: list[dict] = []
+    vvc_rows: list[dict] = []
+    counts = []
+    folds_done = []
+    for f in fold_ids:
+        d = layout.eval_dir(f)
+        if not (d / "done.json").is_file():
+            raise DataError(f"{d}: fold {f} is not evaluated (no done.json)")
+        done = json.loads((d / "done.json").read_text())
+        folds_done.append(f)
+        for name, info in done.get("models", {}).items():
+            if name in models:
+                if info.get("params"):
+                    models[name].params = int(info["params"])
+                if info.get("train_seconds") is not None:
+                    models[name].train_seconds[f] = float(info["train_seconds"])
+        with open(d / "metrics.csv", newline="") as fh:
+            per_case += [r for r in csv.DictReader(fh) if r["model"] in models]
+        if (d / "vvc.csv").is_file():
+            with open(d / "vvc.csv", newline="") as fh:
+                vvc_rows += list(csv.DictReader(fh))
+        unc = json.loads((d / "uncertainty.json").read_text()) if (d / "uncertainty.json").is_file() else {}
+        if unc:
+            counts.append(UncertaintyCounts.from_dict(unc))
+    members = [m for m in cfg.members]
+    if members:
+        models["ensemble"].params = sum(models[m.name].params or 0 for m in members) or None
+    meta: dict[str, Any] = {
+        "config": cfg.source_path or "(in memory)",
+        "ensemble": f"{len(members)} members, {cfg.ensemble.weighting} weights",
+        "HD95 convention": cfg.evaluation.hd_convention,
+        "training": f"{cfg.training.epochs} epochs x {cfg.training.iterations_per_epoch} iterations, "
+                    f"batch {cfg.training.batch_size}, patch {cfg.training.patch}, base {cfg.training.base}",
+    }
+    return StudyResults(study=cfg.name, folds=folds_done, models=models, per_case=per_case,
+                        uncertainty=pool(counts), vvc=vvc_rows, meta=meta)
+
+
+class ReportTask:
+    """Callable for submitit: write the report (always rewritten: it is cheap and reflects all folds)."""
+
+    def __init__(self, *, cfg: StudyConfig, fold_ids: list[int], parent_run_id: str | None = None):
+        self.cfg = cfg
+        self.fold_ids = list(fold_ids)
+        self.parent_run_id = parent_run_id
+
+    def __call__(self) -> str:
+        from sepnet.evaluation.report import write_report
+
+        layout = Layout(Path(self.cfg.root))
+        results = collect_results(self.cfg, self.fold_ids)
+        path = write_report(results, layout.report)
+        self._log(layout.report)
+        return str(path)
+
+    def _log(self, report_dir: Path) -> None:
+        from sepnet.jobs import tracking
+
+        try:
+            client = tracking.client(tracking.resolve_uri(self.cfg))
+            run_id = self.parent_run_id
+            if run_id is None:
+                exp = tracking.ensure_experiment(client, self.cfg.mlflow.experiment or self.cfg.name)
+                run_id = tracking.find_run(client, exp, self.cfg.name)
+            if run_id is None:
+                return
+            client.log_artifacts(run_id, str(report_dir), "report")
+            summary = json.loads((report_dir / "report.json").read_text())
+            import math
+            import time
+
+            from mlflow.entities import Metric
+
+            metrics = []
+            for model, s in (summary.get("summary") or {}).items():
+                for metric in ("dice", "hd95"):
+                    v = (s.get(metric) or {}).get("weighted", {}).get("mean")
+                    if v is not None and math.isfinite(v):
+                        metrics.append(Metric(f"{model}.{metric}_weighted", float(v), int(time.time() * 1000), 0))
+            if metrics:
+                client.log_batch(run_id, metrics=metrics)
+            for f in self.fold_ids:
+                fold_run = tracking.find_run(client, client.get_run(run_id).info.experiment_id,
+                                             f"{self.cfg.name}/fold{f}")
+                if fold_run:
+                    client.set_terminated(fold_run)
+            client.set_terminated(run_id)
+        except Exception as e:  # noqa: BLE001 - the report on disk is what matters
+            log.warning("MLflow logging of the report failed: %s", e)
