@@ -82,62 +82,70 @@ def _msg(e: Exception) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """SimpleITK silently zero-fills a truncated NIfTI; compare the data size with the header's."""
+def _read_nifti_pixels(path: Path) -> np.ndarray:
+    """NIfTI voxels through nibabel, in file order (x, y, z[, t]) with scl_slope/inter applied.
+
+    SimpleITK is not used for NIfTI pixels: it silently zero-fills a truncated file and reads NaN as 0.
+    nibabel's voxel order is the file's, which is also SimpleITK's index order, so the geometry can come
+    from SimpleITK (LPS) while the pixels come from nibabel.
+    """
     import nibabel as nib
 
     try:
-        hdr = nib.load(str(path)).header
-        expected = int(hdr["vox_offset"]) + int(np.prod(hdr.get_data_shape())) * hdr.get_data_dtype().itemsize
+        return np.asanyarray(nib.load(str(path)).dataobj)
+    except (EOFError, OSError, ValueError, zlib.error) as e:
+        raise DataError(f"{path}: truncated or corrupt file ({_msg(e)})") from None
     except Exception as e:  # nibabel raises several types on a damaged header
-        raise DataError(f"{path}: unreadable NIfTI header ({_msg(e)})") from None
-    if str(path).endswith(".gz"):
-        d = zlib.decompressobj(wbits=31)  # gzip container
-        size = 0
-        try:
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    size += len(d.decompress(chunk))
-                    if d.eof:
-                        break
-        except zlib.error as e:
-            raise DataError(f"{path}: corrupt gzip stream ({e})") from None
-        if not d.eof:
-            raise DataError(f"{path}: truncated file (gzip stream ends early)")
-    else:
-        size = path.stat().st_size
-    if size < expected:
-        raise DataError(f"{path}: truncated file ({size} of {expected} bytes)")
+        raise DataError(f"{path}: unreadable NIfTI file ({_msg(e)})") from None
 
 
-def _read_sitk(path: Path) -> sitk.Image:
+def _geometry3(path: Path, spacing, origin, direction, size) -> Geometry:
+    """Geometry of the first three axes of an N-D image (SimpleITK (x, y, z) order), or DataError if not 3-D."""
+    dim = len(size)
+    size_s = "x".join(map(str, size))
+    if dim < 3 or (dim > 3 and any(n != 1 for n in size[3:])):
+        raise DataError(f"{path}: {dim}-D image of size {size_s}, expected a 3-D volume")
+    if size[2] < 2:
+        raise DataError(f"{path}: a single slice (2-D image of size {size_s}), expected a 3-D volume")
+    d = np.asarray(direction, dtype=float).reshape(dim, dim)[:3, :3]
+    return Geometry(
+        spacing=tuple(float(v) for v in spacing[:3]),
+        origin=tuple(float(v) for v in origin[:3]),
+        direction=tuple(float(v) for v in d.ravel()),
+        shape=(int(size[2]), int(size[1]), int(size[0])),
+    )
+
+
+def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """A 3-D NIfTI/NRRD/MetaImage file -> (array (z, y, x) in the file's dtype, Geometry LPS).
+
+    Multi-component images (e.g. a multi-layer .seg.nrrd) get a trailing component axis (z, y, x, c).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    if path.name.endswith((".nii", ".nii.gz")):
-        _check_nifti_complete(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        img = sitk.ReadImage(str(path))
+        if path.name.endswith((".nii", ".nii.gz")):
+            reader.ReadImageInformation()
+            g = _geometry3(path, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), reader.GetSize())
+            arr = _read_nifti_pixels(path)
+            if arr.ndim > 3:
+                arr = arr.reshape(arr.shape[:3])  # trailing singleton axes (checked by _geometry3)
+            arr = arr.transpose(2, 1, 0)  # (x, y, z) -> (z, y, x)
+        else:
+            img = reader.Execute()
+            g = _geometry3(path, img.GetSpacing(), img.GetOrigin(), img.GetDirection(), img.GetSize())
+            extra = img.GetDimension() - 3
+            if extra > 0:  # trailing singleton axes (checked by _geometry3)
+                img = sitk.Extract(img, (*img.GetSize()[:3], *[0] * extra), [0] * img.GetDimension())
+            arr = sitk.GetArrayFromImage(img)
     except RuntimeError as e:
         raise DataError(f"{path}: unreadable image ({_msg(e)})") from None
-    if img.GetDimension() == 4 and img.GetSize()[3] == 1:
-        img = sitk.Extract(img, (*img.GetSize()[:3], 0), (0, 0, 0, 0))
-    size = "x".join(map(str, img.GetSize()))
-    if img.GetDimension() != 3:
-        raise DataError(f"{path}: {img.GetDimension()}-D image of size {size}, expected a 3-D volume")
-    if img.GetSize()[2] < 2:
-        raise DataError(f"{path}: a single slice (2-D image of size {size}), expected a 3-D volume")
-    return img
-
-
-def geometry_of(img: sitk.Image) -> Geometry:
-    """Geometry of a 3-D SimpleITK image (shape in array (z, y, x) order)."""
-    return Geometry(
-        spacing=tuple(float(v) for v in img.GetSpacing()),
-        origin=tuple(float(v) for v in img.GetOrigin()),
-        direction=tuple(float(v) for v in img.GetDirection()),
-        shape=tuple(int(v) for v in reversed(img.GetSize())),
-    )
+    if tuple(arr.shape[:3]) != tuple(g.shape):
+        raise DataError(f"{path}: pixel data {arr.shape} disagree with the header size {g.shape}")
+    return np.ascontiguousarray(arr), g
 
 
 def _to_sitk(arr: np.ndarray, g: Geometry) -> sitk.Image:
@@ -161,10 +169,11 @@ def _as_hu(arr: np.ndarray, path: Path) -> np.ndarray:
     return np.clip(arr, info.min, info.max).astype(np.int16)
 
 
-def _image_array(img: sitk.Image, path: Path) -> np.ndarray:
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        raise DataError(f"{path}: {img.GetNumberOfComponentsPerPixel()} components per voxel, expected a scalar CT")
-    return _as_hu(sitk.GetArrayFromImage(img), path)
+def _read_ct(path: Path) -> tuple[np.ndarray, Geometry]:
+    arr, g = read_volume(path)
+    if arr.ndim != 3:
+        raise DataError(f"{path}: {arr.shape[-1]} components per voxel, expected a scalar CT")
+    return _as_hu(arr, path), g
 
 
 def _label_values(arr: np.ndarray, path: Path) -> np.ndarray:
@@ -198,9 +207,8 @@ def is_alignable(src: Geometry, dst: Geometry, *, tol_matrix: float = 1e-3, tol_
     return bool(perm and np.abs(m - r).max() < tol_matrix and np.abs(t - np.rint(t)).max() < tol_shift)
 
 
-def align_to(img: sitk.Image, arr: np.ndarray, ref: Geometry, *, path: Path, ref_path: Path | str) -> np.ndarray:
-    """uint8 array ``arr`` (the pixels of ``img``) on the grid ``ref``: as is, or resampled (nearest) when alignable."""
-    g = geometry_of(img)
+def align_to(arr: np.ndarray, g: Geometry, ref: Geometry, *, path: Path, ref_path: Path | str) -> np.ndarray:
+    """uint8 array ``arr`` on grid ``g`` -> on grid ``ref``: as is, or resampled (nearest) when alignable."""
     if g.same_grid(ref):
         return arr
     if not is_alignable(g, ref):
@@ -223,22 +231,20 @@ def align_to(img: sitk.Image, arr: np.ndarray, ref: Geometry, *, path: Path, ref
 
 
 def _read_label(path: Path, ref: Geometry, ref_path: Path) -> np.ndarray:
-    img = _read_sitk(path)
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        raise DataError(f"{path}: label has {img.GetNumberOfComponentsPerPixel()} components per voxel")
-    arr = _label_values(sitk.GetArrayFromImage(img), path)
-    return align_to(img, arr, ref, path=path, ref_path=ref_path)
+    arr, g = read_volume(path)
+    if arr.ndim != 3:
+        raise DataError(f"{path}: label has {arr.shape[-1]} components per voxel")
+    return align_to(_label_values(arr, path), g, ref, path=path, ref_path=ref_path)
 
 
 def _read_mask(path: Path, ref: Geometry, ref_path: Path) -> np.ndarray:
     """A binary organ mask file -> bool (z, y, x) on the image grid (any non-zero voxel is inside)."""
-    img = _read_sitk(path)
-    arr = sitk.GetArrayFromImage(img)
+    arr, g = read_volume(path)
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise DataError(f"{path}: NaN/inf in the mask")
-    if img.GetNumberOfComponentsPerPixel() > 1:  # multi-layer .seg.nrrd: any layer
+    if arr.ndim == 4:  # multi-layer .seg.nrrd: any layer
         arr = arr.any(axis=-1)
-    return align_to(img, (arr != 0).astype(np.uint8), ref, path=path, ref_path=ref_path).astype(bool)
+    return align_to((arr != 0).astype(np.uint8), g, ref, path=path, ref_path=ref_path).astype(bool)
 
 
 def _x_mm(g: Geometry) -> np.ndarray:
@@ -383,9 +389,7 @@ def list_cases(dataset: str | os.PathLike, *, format: str = "auto") -> list[Case
 
 def _read_structseg(ref: CaseRef, require_label: bool) -> Case:
     ipath = ref.paths["image"]
-    img = _read_sitk(ipath)
-    g = geometry_of(img)
-    image = _image_array(img, ipath)
+    image, g = _read_ct(ipath)
     lpath = ref.paths.get("label")
     if lpath is None:
         if require_label:
@@ -397,9 +401,7 @@ def _read_structseg(ref: CaseRef, require_label: bool) -> Case:
 
 def _read_mask_case(ref: CaseRef, files: dict[str, Path], table: dict[str, int], require_label: bool) -> Case:
     ipath = ref.paths["image"]
-    img = _read_sitk(ipath)
-    g = geometry_of(img)
-    image = _image_array(img, ipath)
+    image, g = _read_ct(ipath)
     masks: dict[int, np.ndarray] = {}
     sources = [str(ipath)]
     for name, path in sorted(files.items()):
@@ -479,8 +481,7 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     """
     path = Path(path)
     if path.is_file() and path.name.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")):
-        img = _read_sitk(path)
-        return _image_array(img, path), geometry_of(img)
+        return _read_ct(path)
     from sepnet.data import dicom_rt
 
     if path.is_file() and dicom_rt.is_dicom_file(path):
@@ -490,9 +491,7 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     if path.is_dir():
         fmt = _case_format(path)
         if fmt:
-            ipath = _make_ref(path, fmt).paths["image"]
-            img = _read_sitk(ipath)
-            return _image_array(img, ipath), geometry_of(img)
+            return _read_ct(_make_ref(path, fmt).paths["image"])
         if dicom_rt.find_dicom_files(path, max_depth=3):
             arr, ct = dicom_rt.read_ct_dir(path)
             return _as_hu(arr, path), ct.geometry
