@@ -709,7 +709,7 @@ def preprocess(
             report.done.append(cid)
         else:
             report.failed[cid] = msg
-            log.error("preprocess: skipped case %s: %s", cid, msg)
+            log.warning("preprocess: failed case %s: %s", cid, msg)  # one line per bad case
         if bar is not None:
             bar.update(1)
 

@@ -7,7 +7,6 @@ line naming the file and the cause; the others are stored), 2 bad arguments/inpu
 from __future__ import annotations
 
 import argparse
-import sys
 
 from sepnet.core.errors import ConfigError
 
@@ -75,10 +74,10 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=not args.no_progress,
     )
-    for cid, msg in sorted(report.failed.items()):
-        print(f"sepnet preprocess: failed case {cid}: {msg}", file=sys.stderr)
+    # each failure was logged (one line naming the file and the cause) as it happened
+    failed = f" ({', '.join(sorted(report.failed))})" if report.failed else ""
     print(
         f"sepnet preprocess: {report.store}: {len(report.done)} written, {len(report.skipped)} up to date, "
-        f"{len(report.failed)} failed ({report.seconds:.1f} s)"
+        f"{len(report.failed)} failed{failed} ({report.seconds:.1f} s)"
     )
     return 1 if report.failed else 0
