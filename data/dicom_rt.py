@@ -63,8 +63,11 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
-def find_dicom_files(root: Path, *, max_depth: int = 3) -> list[Path]:
-    """DICOM files under root (root itself = depth 0), sorted by path; hidden entries skipped."""
+def find_dicom_files(root: Path, *, max_depth: int = 3, limit: int | None = None) -> list[Path]:
+    """DICOM files under root (root itself = depth 0), sorted by path; hidden entries skipped.
+
+    limit: stop after that many files (a cheap "is there any DICOM here?" test).
+    """
     out: list[Path] = []
     todo = [(Path(root), 0)]
     while todo:
@@ -81,6 +84,8 @@ def find_dicom_files(root: Path, *, max_depth: int = 3) -> list[Path]:
                     todo.append((e, depth + 1))
             elif is_dicom_file(e):
                 out.append(e)
+                if limit is not None and len(out) >= limit:
+                    return sorted(out)
     return sorted(out)
 
 

@@ -316,7 +316,7 @@ def detect_format(path: str | os.PathLike) -> str:
             return fmt
     from sepnet.data.dicom_rt import find_dicom_files
 
-    if find_dicom_files(path, max_depth=3):
+    if find_dicom_files(path, max_depth=3, limit=1):
         return "dicom"
     if not subs and not any(p for p in path.iterdir() if not p.name.startswith(".")):
         raise DataError(f"{path}: empty folder, no cases")
@@ -348,12 +348,12 @@ def _dicom_case_dirs(root: Path) -> list[Path]:
     unless all of them belong to one study (one case spread over sub-folders such as CT/ and RTSTRUCT/)."""
     from sepnet.data.dicom_rt import _header, find_dicom_files
 
-    if find_dicom_files(root, max_depth=0):
+    if find_dicom_files(root, max_depth=0, limit=1):
         return [root]
     subs = []
     studies = set()
     for s in _subdirs(root):
-        files = find_dicom_files(s, max_depth=2)
+        files = find_dicom_files(s, max_depth=2, limit=1)
         if files:
             subs.append(s)
             studies.add(str(getattr(_header(files[0]), "StudyInstanceUID", s)))
@@ -492,7 +492,7 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
         fmt = _case_format(path)
         if fmt:
             return _read_ct(_make_ref(path, fmt).paths["image"])
-        if dicom_rt.find_dicom_files(path, max_depth=3):
+        if dicom_rt.find_dicom_files(path, max_depth=3, limit=1):
             arr, ct = dicom_rt.read_ct_dir(path)
             return _as_hu(arr, path), ct.geometry
         raise DataError(f"{path}: no CT image (NIfTI, NRRD or DICOM series) found")
