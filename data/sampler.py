@@ -85,7 +85,9 @@ class PatchDataset(Dataset):
         self.world_size = int(world_size)
         self.pad = bool(pad)
         self.cache_bytes = int(cache_bytes)
-        self.epoch = 0
+        # The epoch lives in shared memory so that persistent DataLoader workers (which hold their own copy of
+        # the dataset) see set_epoch() from the main process.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         if not self.case_ids:
             raise ConfigError("PatchDataset: case_ids is empty")
         if len(self.patch) != 3 or min(self.patch) < 1:
@@ -137,9 +139,16 @@ class PatchDataset(Dataset):
             self._reset_worker_state()
 
     # ---- sampling ----
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's patch stream (call before iterating, like DistributedSampler.set_epoch)."""
-        self.epoch = int(epoch)
+        """Select the epoch's patch stream (call before iterating, like DistributedSampler.set_epoch).
+
+        Works with ``persistent_workers=True``: the value is shared with the worker processes.
+        """
+        self._epoch[0] = int(epoch)
 
     def __len__(self) -> int:
         return self.samples_per_epoch

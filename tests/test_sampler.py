@@ -73,9 +73,13 @@ def test_deterministic_and_worker_independent(store):
     # no cache (patch-wise Zarr reads) gives the same tensors as the cached path
     c_img, c_lab = _all(PatchDataset(store, ["c0", "c1"], **KW, cache_bytes=0))
     assert torch.equal(c_img, a_img) and torch.equal(c_lab, a_lab)
-    # another epoch, another stream
+    # another epoch, another stream; persistent workers follow set_epoch from the main process
+    dl = DataLoader(ds, batch_size=6, num_workers=2, persistent_workers=True)
+    assert torch.equal(torch.cat([b[0] for b in dl]), a_img)
     ds.set_epoch(1)
-    assert not torch.equal(_all(ds)[0], a_img)
+    e1_img = torch.cat([b[0] for b in dl])
+    assert not torch.equal(e1_img, a_img)
+    assert torch.equal(e1_img, _all(ds)[0])
 
 
 def test_ranks_disjoint_and_union_is_single_process_epoch(store):
