@@ -24,6 +24,7 @@ compact organs; the round trip is tested at Dice >= 0.9 and documented as not bi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -423,7 +424,11 @@ def write_rtstruct_for_series(
     g = ct.geometry
     if tuple(label.shape) != tuple(g.shape):
         raise DataError(f"{out_path}: label shape {label.shape} does not match the CT series {tuple(g.shape)}")
-    sop = _uid(ct.series_uid, "rtstruct", label_name)
+    # UIDs depend on the content too: a prediction and a reference for one series never share a UID.
+    digest = hashlib.sha1(
+        np.ascontiguousarray(label, dtype=np.uint8).tobytes() + repr(sorted(organ_names.items())).encode()
+    )
+    sop = _uid(ct.series_uid, "rtstruct", label_name, digest.hexdigest())
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = RTStructureSetStorage
     meta.MediaStorageSOPInstanceUID = sop
@@ -434,7 +439,7 @@ def write_rtstruct_for_series(
     ds.SOPInstanceUID = sop
     ds.Modality = "RTSTRUCT"
     ds.StudyInstanceUID = ct.study_uid
-    ds.SeriesInstanceUID = _uid(ct.series_uid, "rtstruct-series", label_name)
+    ds.SeriesInstanceUID = _uid(ct.series_uid, "rtstruct-series", label_name, digest.hexdigest())
     ds.PatientID, ds.PatientName = ct.patient_id, ct.patient_name
     ds.StudyID = "1"
     ds.SeriesNumber = 2

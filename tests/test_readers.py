@@ -246,6 +246,7 @@ def test_write_rtstruct_on_dicom_input(tmp_path):
     ds = pydicom.dcmread(out)
     assert [r.ROIName for r in ds.StructureSetROISequence] == ["Brainstem", "Parotid L"]
     assert ds.StudyInstanceUID == pydicom.dcmread(root / "ct" / "CT_0001.dcm").StudyInstanceUID
+    assert ds.SOPInstanceUID != pydicom.dcmread(root / "rtstruct.dcm").SOPInstanceUID  # content-dependent UIDs
     (root / "rtstruct.dcm").replace(tmp_path / "orig_rt.dcm")
     out.replace(root / "rtstruct.dcm")
     back = read_case(root)
