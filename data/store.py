@@ -323,11 +323,12 @@ def to_original(array: np.ndarray, meta: CaseMeta, *, order: int = 0, fill: floa
     return np.stack(out).reshape(lead + tuple(meta.geometry.shape))
 
 
-def crop_like(array: np.ndarray, meta: CaseMeta, *, order: int = 1) -> np.ndarray:
+def crop_like(array: np.ndarray, meta: CaseMeta, *, order: int = 1, fill: float = 0) -> np.ndarray:
     """Forward direction: an array (..., Z, Y, X) in the original geometry -> the stored grid.
 
-    Resamples (``order`` 1 = linear for HU/intensities, 0 = nearest for labels) if the case was
-    resampled, then applies the crop box. Used by predict for new images.
+    Resamples (``order`` 1 = linear for HU/intensities, 0 = nearest for labels; points outside the
+    original image get ``fill``, e.g. -1024 for HU) if the case was resampled, then applies the crop box.
+    Used by predict for new images.
     """
     a = np.asarray(array)
     if tuple(a.shape[-3:]) != tuple(meta.original_shape):
@@ -338,7 +339,7 @@ def crop_like(array: np.ndarray, meta: CaseMeta, *, order: int = 1) -> np.ndarra
     if meta.resampled:
         lead = a.shape[:-3]
         flat = a.reshape((-1,) + tuple(meta.original_shape))
-        a = np.stack([resample(v, meta.geometry, meta.grid, order=order) for v in flat])
+        a = np.stack([resample(v, meta.geometry, meta.grid, order=order, fill=fill) for v in flat])
         a = a.reshape(lead + tuple(meta.grid.shape))
     (z0, z1), (y0, y1), (x0, x1) = meta.crop_box
     return a[..., z0:z1, y0:y1, x0:x1]
