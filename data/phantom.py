@@ -299,8 +299,16 @@ def _anatomy(p: _Params) -> list[_Shape]:
         ("e", (0.0, -88.0, -22.0), (11.0, 14.0, 22.0)),  # nose
     ]
     neck_r = np.array([54.0, 58.0]) * rng.uniform(0.95, 1.05, 2)
-    S.append(_layered_head(cran_c, cran_r, parts, neck_r, (0.0, 2.0, 8.0 + rng.uniform(-1.5, 1.5)),
-                           (hu("skin"), hu("fat"), hu("muscle"))))
+    S.append(
+        _layered_head(
+            cran_c,
+            cran_r,
+            parts,
+            neck_r,
+            (0.0, 2.0, 8.0 + rng.uniform(-1.5, 1.5)),
+            (hu("skin"), hu("fat"), hu("muscle")),
+        )
+    )
     for side in (1, -1):  # pinna (cartilage) and ear canal opening
         S.append(_ellipsoid(_mirror((74.0, 18.0, -12.0), side), (5.0, 14.0, 28.0), hu("cartilage"), amp=5.0))
 
@@ -384,11 +392,13 @@ def _anatomy(p: _Params) -> list[_Shape]:
     S.append(_ellipsoid((0.0, -10.0, -15.0), (13.0, 14.0, 9.0), 700.0, amp=200.0))  # sphenoid body, sella
     S.append(_ellipsoid((0.0, -26.0, -12.0), (10.0, 8.0, 8.0) * p.f(0.2), hu("air")))  # sphenoid sinus
     for side in (1, -1):
-        S.append(_tube(_mirror((55.0, 25.0, -22.0), side), _mirror((15.0, 0.0, -16.0), side), 7.0,
-                       hu=1350.0, amp=100.0))  # petrous bone
+        S.append(
+            _tube(_mirror((55.0, 25.0, -22.0), side), _mirror((15.0, 0.0, -16.0), side), 7.0, hu=1350.0, amp=100.0)
+        )  # petrous bone
         S.append(_ellipsoid(_mirror((50.0, 33.0, -28.0), side), (12.0, 12.0, 14.0), -150.0, amp=550.0))  # mastoid
-        S.append(_tube(_mirror((48.0, 15.0, -15.0), side), _mirror((80.0, 16.0, -13.0), side), 3.5,
-                       hu=hu("air")))  # external auditory canal
+        S.append(
+            _tube(_mirror((48.0, 15.0, -15.0), side), _mirror((80.0, 16.0, -13.0), side), 3.5, hu=hu("air"))
+        )  # external auditory canal
 
     # -- orbits: fat, extra-ocular muscles, eyelids
     for side in (1, -1):
@@ -413,15 +423,27 @@ def _anatomy(p: _Params) -> list[_Shape]:
     z = -44.0
     while z > cz0:
         zb = z - vert_len
-        S.append(_zcyl((0.0, cord_y(z) - 23.0), (0.0, cord_slope), (14.0, 11.0), zb, z, 0, amp=60.0,
-                       profile=_shell_profile(hu("cancellous"), hu("cortical") - 450, 0.85)))
-        S.append(_zcyl((0.0, cord_y(z)), (0.0, cord_slope), (16.0, 14.0), zb + 3.0, z - 2.0, hu("cortical") - 500,
-                       amp=80.0))  # arch (canal painted next)
+        S.append(
+            _zcyl(
+                (0.0, cord_y(z) - 23.0),
+                (0.0, cord_slope),
+                (14.0, 11.0),
+                zb,
+                z,
+                0,
+                amp=60.0,
+                profile=_shell_profile(hu("cancellous"), hu("cortical") - 450, 0.85),
+            )
+        )
+        S.append(
+            _zcyl((0.0, cord_y(z)), (0.0, cord_slope), (16.0, 14.0), zb + 3.0, z - 2.0, hu("cortical") - 500, amp=80.0)
+        )  # arch (canal painted next)
         ym, zm = cord_y(z), z - vert_len / 2
         S.append(_tube((0.0, ym + 12.0, zm), (0.0, ym + 36.0, zm - 8.0), 4.5, hu=hu("cortical") - 450, amp=60.0))
         for side in (1, -1):
-            S.append(_tube((12.0 * side, ym - 8.0, zm), (28.0 * side, ym - 10.0, zm), 4.0, hu=hu("cortical") - 450,
-                           amp=60.0))
+            S.append(
+                _tube((12.0 * side, ym - 8.0, zm), (28.0 * side, ym - 10.0, zm), 4.0, hu=hu("cortical") - 450, amp=60.0)
+            )
         z = zb - 3.8  # disc
     S.append(_zcyl(cord_c0, (0.0, cord_slope), (10.0, 8.5), cz0, cz1, hu("csf")))  # spinal canal
 
@@ -445,17 +467,26 @@ def _organs(p: _Params) -> list[_Shape]:
     f = p.f
     # parotids (12/13): fatty, lobular
     for side, lab in ((1, 12), (-1, 13)):
-        S.append(_ellipsoid(_mirror((52.0, 14.0, -45.0), side), np.array([12.5, 20.0, 22.5]) * f(),
-                            26.0 + off("parotid"), amp=14.0, label=lab))
+        S.append(
+            _ellipsoid(
+                _mirror((52.0, 14.0, -45.0), side),
+                np.array([12.5, 20.0, 22.5]) * f(),
+                26.0 + off("parotid"),
+                amp=14.0,
+                label=lab,
+            )
+        )
     # mandible (21 L / 22 R): tube chain with cortical rim, split at x = 0
     mand_hu = _shell_profile(360.0 + off("mandible"), 1400.0 + off("mandible"), 0.78)
     mscale = f(0.08)
     for side, lab in ((1, 21), (-1, 22)):
+
         def pts(*q, _s=side):
             return [np.array(_mirror(v, _s)) * mscale for v in q]
 
-        chain = pts((0.0, -78.0, -92.0), (22.0, -70.0, -90.0), (38.0, -42.0, -88.0), (45.0, 5.0, -85.0),
-                    (49.0, 2.0, -31.0))
+        chain = pts(
+            (0.0, -78.0, -92.0), (22.0, -70.0, -90.0), (38.0, -42.0, -88.0), (45.0, 5.0, -85.0), (49.0, 2.0, -31.0)
+        )
         alv = pts((0.0, -76.0, -82.0), (22.0, -68.0, -80.0), (38.0, -42.0, -78.0))
         cor = pts((44.0, -8.0, -70.0), (42.0, -16.0, -46.0))
         radii = (7.5, 7.0, 6.5, 6.0)
@@ -483,28 +514,72 @@ def _organs(p: _Params) -> list[_Shape]:
     # temporal lobes (9/10): label only, clipped to the brain
     brain = p.brain_region
     for side, lab in ((1, 9), (-1, 10)):
-        S.append(_ellipsoid(_mirror((45.0, 0.0, 10.0), side), np.array([25.0, 45.0, 22.5]) * f(0.1), None,
-                            label=lab, clip=brain))
+        S.append(
+            _ellipsoid(
+                _mirror((45.0, 0.0, 10.0), side), np.array([25.0, 45.0, 22.5]) * f(0.1), None, label=lab, clip=brain
+            )
+        )
     # brain stem (1): tapered cylinder r 13 -> 9
     bs = f()
-    S.append(_tube((0.0, 15.0, 15.0 * bs[2]), (0.0, 15.0, -55.0 * bs[2]), 13.0 * bs[0], 9.0 * bs[0],
-                   hu=30.0 + off("brain_stem"), amp=3.0, caps=False, label=1))
+    S.append(
+        _tube(
+            (0.0, 15.0, 15.0 * bs[2]),
+            (0.0, 15.0, -55.0 * bs[2]),
+            13.0 * bs[0],
+            9.0 * bs[0],
+            hu=30.0 + off("brain_stem"),
+            amp=3.0,
+            caps=False,
+            label=1,
+        )
+    )
     # spinal cord (20): elliptic tube inside the canal
-    S.append(_zcyl(p.cord_c0, (0.0, p.cord_slope), np.array([6.5, 4.5]) * f(0.1)[:2], -400.0, -55.0 * bs[2] + 0.5,
-                   34.0 + off("spinal_cord"), amp=3.0, label=20, zref=-50.0))
+    S.append(
+        _zcyl(
+            p.cord_c0,
+            (0.0, p.cord_slope),
+            np.array([6.5, 4.5]) * f(0.1)[:2],
+            -400.0,
+            -55.0 * bs[2] + 0.5,
+            34.0 + off("spinal_cord"),
+            amp=3.0,
+            label=20,
+            zref=-50.0,
+        )
+    )
     # TM joints (18/19), middle ears (16/17), inner ears (14/15)
     for side, lab in ((1, 18), (-1, 19)):
-        S.append(_ellipsoid(_mirror((50.0, 2.0, -24.0), side), np.array([8.0, 5.0, 6.0]) * f(),
-                            420.0 + off("tmj"), amp=150.0, label=lab))
+        S.append(
+            _ellipsoid(
+                _mirror((50.0, 2.0, -24.0), side),
+                np.array([8.0, 5.0, 6.0]) * f(),
+                400.0 + off("tmj"),
+                amp=60.0,
+                label=lab,
+            )
+        )
     for side, lab in ((1, 16), (-1, 17)):
-        S.append(_ellipsoid(_mirror((45.0, 15.0, -15.0), side), np.array([4.0, 6.0, 7.0]) * f(),
-                            -650.0 + off("mid_ear"), amp=250.0, label=lab))
+        S.append(
+            _ellipsoid(
+                _mirror((45.0, 15.0, -15.0), side),
+                np.array([4.0, 6.0, 7.0]) * f(),
+                -650.0 + off("mid_ear"),
+                amp=250.0,
+                label=lab,
+            )
+        )
     for side, lab in ((1, 14), (-1, 15)):
-        S.append(_ellipsoid(_mirror((34.0, 15.0, -15.0), side), np.array([6.0, 5.0, 5.0]) * f(),
-                            1060.0 + off("inner_ear"), amp=120.0, label=lab))
+        S.append(
+            _ellipsoid(
+                _mirror((34.0, 15.0, -15.0), side),
+                np.array([6.0, 5.0, 5.0]) * f(),
+                1075.0 + off("inner_ear"),
+                amp=60.0,
+                label=lab,
+            )
+        )
     # pituitary (11)
-    S.append(_ellipsoid((0.0, -5.0, -2.0), np.array([6.5, 5.0, 4.0]) * f(), 45.0 + off("pituitary"), amp=3.0,
-                        label=11))
+    S.append(_ellipsoid((0.0, -5.0, -2.0), np.array([6.5, 5.0, 4.0]) * f(), 45.0 + off("pituitary"), amp=3.0, label=11))
     # optic nerves (6/7), then eyes (2/3) over their front ends, lenses (4/5), chiasm (8)
     eyes = {}
     for side in (1, -1):
@@ -513,12 +588,21 @@ def _organs(p: _Params) -> list[_Shape]:
         eyes[side] = (ec, er)
     for side, lab in ((1, 6), (-1, 7)):
         ec, er = eyes[side]
-        S.append(_tube(ec + (0.0, er[1] - 2.0, 0.0), _mirror((8.0, -14.0, 4.0), side), 2.2 * f(0.1)[0],
-                       hu=36.0 + off("optic"), amp=3.0, caps=False, label=lab))
+        S.append(
+            _tube(
+                ec + (0.0, er[1] - 2.0, 0.0),
+                _mirror((8.0, -14.0, 4.0), side),
+                2.2 * f(0.1)[0],
+                hu=36.0 + off("optic"),
+                amp=3.0,
+                caps=False,
+                label=lab,
+            )
+        )
     for side, lab in ((1, 2), (-1, 3)):
         ec, er = eyes[side]
         S.append(_ellipsoid(ec, er, 0, label=lab))
-        v_vit, v_scl = 12.0 + off("eye"), 58.0 + off("eye")
+        v_vit, v_scl = 16.0 + off("eye"), 60.0 + off("eye")
 
         def eye_fn(ax, ay, az, _c=ec, _r=er, _vit=v_vit, _scl=v_scl):
             q = _ell_q(ax, ay, az, _c, _r)
@@ -534,8 +618,7 @@ def _organs(p: _Params) -> list[_Shape]:
     ch_c = np.array([0.0, -10.0, 6.0])
     ch_parts = [_ellipsoid(ch_c, np.array([9.0, 5.5, 2.8]) * chi, 0)]
     for side in (1, -1):
-        ch_parts.append(_tube(ch_c + (0.0, 2.0, 0.0), ch_c + (15.0 * side, 13.0, 0.0), 2.3 * chi[2], hu=0,
-                              caps=False))
+        ch_parts.append(_tube(ch_c + (0.0, 2.0, 0.0), ch_c + (15.0 * side, 13.0, 0.0), 2.3 * chi[2], hu=0, caps=False))
     S.append(_union(ch_parts, 36.0 + off("optic"), amp=3.0, label=8))
     return S
 
@@ -599,15 +682,30 @@ def make_case(*, seed: int, size: str = "small", case_id: str | None = None) -> 
     nz = int(round((z_top - z_bot) / sz)) + 1
     n = spec.n_xy
     origin = (-(n - 1) / 2 * sxy, -(n - 1) / 2 * sxy, z_bot)
-    geom = Geometry(spacing=(sxy, sxy, sz), origin=origin, direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0),
-                    shape=(nz, n, n))
+    geom = Geometry(
+        spacing=(sxy, sxy, sz), origin=origin, direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), shape=(nz, n, n)
+    )
 
     # --- pose and per-case parameters
     rot = _rotation(*np.deg2rad([rng.uniform(-10, 10), rng.uniform(-2, 2), rng.uniform(-2, 2)]))
     scale = rng.uniform(0.9, 1.1)
     shift = np.array([rng.uniform(-4, 4), rng.uniform(-4, 4), rng.uniform(-5, 5)])
-    keys = list(_HU) + ["o:" + k for k in ("parotid", "mandible", "brain_stem", "spinal_cord", "tmj", "mid_ear",
-                                           "inner_ear", "pituitary", "optic", "eye", "lens")]
+    keys = list(_HU) + [
+        "o:" + k
+        for k in (
+            "parotid",
+            "mandible",
+            "brain_stem",
+            "spinal_cord",
+            "tmj",
+            "mid_ear",
+            "inner_ear",
+            "pituitary",
+            "optic",
+            "eye",
+            "lens",
+        )
+    ]
     offs = rng.uniform(-10, 10, size=len(keys))
     params = _Params(rng=rng, hu_off=dict(zip(keys, offs)))
     params.hu_off["air"] = 0.0
@@ -646,7 +744,7 @@ def make_case(*, seed: int, size: str = "small", case_id: str | None = None) -> 
     chunk = max(1, int(6_000_000 // (n * n * nsub)))
     for k0 in range(0, nz, chunk):
         k1 = min(nz, k0 + chunk)
-        zf = zf_all[k0 * nsub:k1 * nsub].astype(np.float32)
+        zf = zf_all[k0 * nsub : k1 * nsub].astype(np.float32)
         hu = np.full((zf.size, n, n), _HU["air"], np.float32)
         amp = np.zeros_like(hu)
         lab = np.zeros(hu.shape, np.uint8)
@@ -662,8 +760,9 @@ def make_case(*, seed: int, size: str = "small", case_id: str | None = None) -> 
             ia, ib = _index_range(xs, lo[0], hi[0])
             ja, jb = _index_range(ys, lo[1], hi[1])
             if s.physical:
-                X, Y, Z = np.broadcast_arrays(xs[ia:ib][None, None, :], ys[ja:jb][None, :, None],
-                                              zf[ka:kb][:, None, None])
+                X, Y, Z = np.broadcast_arrays(
+                    xs[ia:ib][None, None, :], ys[ja:jb][None, :, None], zf[ka:kb][:, None, None]
+                )
                 cx, cy, cz = X, Y, Z
             else:
                 ia, ib, ja, jb = max(ia, IA), min(ib, IB), max(ja, JA), min(jb, JB)
@@ -730,8 +829,9 @@ def _phys_box(s: _Shape, rot, scale, shift):
     if s.physical:
         return np.asarray(s.lo, float), np.asarray(s.hi, float)
     lo, hi = np.asarray(s.lo, float), np.asarray(s.hi, float)
-    corners = np.array([[(lo, hi)[i][0], (lo, hi)[j][1], (lo, hi)[k][2]] for i in (0, 1) for j in (0, 1)
-                        for k in (0, 1)])
+    corners = np.array(
+        [[(lo, hi)[i][0], (lo, hi)[j][1], (lo, hi)[k][2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)]
+    )
     pts = shift + scale * corners @ rot.T
     pad = 0.5
     return pts.min(axis=0) - pad, pts.max(axis=0) + pad
