@@ -285,3 +285,30 @@ def test_to_rows_flat_and_flag_strings():
     assert [r["case"] for r in rows] == ["c1", "c1"]
     assert rows[1]["flag"] == "ref_empty" and type(rows[1]["flag"]) is str
     assert set(rows[0]) == {"case", "organ", "name", "dice", "hd95", "assd", "vol_pred_cm3", "vol_ref_cm3", "flag"}
+
+
+def test_thin_diagonal_tubes_match_medpy_and_monai():
+    # a diagonal tube fills little of its box: the sparse-boundary (KD-tree) path must agree too
+    shape = (12, 40, 40)
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    a = ((y - x) ** 2 <= 2) & (np.abs(z * 3.0 - 18) <= 4)
+    b = ((y - x - 3) ** 2 <= 2) & (np.abs(z * 3.0 - 20) <= 6)
+    assert a.size > 8 * np.count_nonzero(a)  # sparse
+    assert (
+        abs(hausdorff(a, b, spacing_zyx=ANISO, convention="pooled") - medpy_binary.hd95(a, b, voxelspacing=ANISO))
+        < 1e-6
+    )
+    assert abs(hausdorff(a, b, spacing_zyx=ANISO) - monai_hd(a, b, ANISO)) < 1e-4
+    assert abs(assd(a, b, spacing_zyx=ANISO) - medpy_binary.assd(a, b, voxelspacing=ANISO)) < 1e-6
+
+
+def test_edt_and_kdtree_paths_agree(monkeypatch):
+    import sepnet.evaluation.metrics as metrics_module
+
+    pred, ref = three_organ_case(seed=4)
+    results = []
+    for ratio in (0, 10**12):  # always KD-tree, never KD-tree
+        monkeypatch.setattr(metrics_module, "_KD_RATIO", ratio)
+        results.append(evaluate_case(pred, ref, spacing_zyx=ANISO, organs=(1, 4, 20)))
+    for kd, edt in zip(*results):
+        assert kd.hd95 == pytest.approx(edt.hd95, abs=1e-9) and kd.assd == pytest.approx(edt.assd, abs=1e-9)
