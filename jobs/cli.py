@@ -51,12 +51,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    # First pass: find the command without failing on its own options.
-    known, _ = parser.parse_known_args(argv)
-    if known.command is None:
+    # The command is the first word that names one; global options (-v) may precede it.
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command is None or command not in COMMANDS:
+        # no (known) command: let the top-level parser print help, version or the error
+        known = parser.parse_args(argv)
         parser.print_help()
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    module = importlib.import_module(COMMANDS[known.command][0])
+        return 0
+    module = importlib.import_module(COMMANDS[command][0])
+    known = argparse.Namespace(command=command)
     # Second pass: a parser that knows the chosen command's arguments.
     full = argparse.ArgumentParser(prog="sepnet")
     full.add_argument("-v", "--verbose", action="store_true")
