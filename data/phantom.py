@@ -32,9 +32,9 @@ Sizes (per case; in-plane spacing jitters by the given factor, the z range by th
 ========  ==============  ===================  =======  ==========  ===================  =========
 size      in-plane        spacing x/y (mm)     z (mm)   sub-slices  z range (mm)         slices
 ========  ==============  ===================  =======  ==========  ===================  =========
-tiny      64 x 64         3.8 x [0.95, 1.05]   4.0      5           +50..60 to -118..130  42-48
-small     128 x 128       2.0 x [0.95, 1.05]   3.0      5           +50..60 to -118..130  56-64
-full      512 x 512       0.98 x [0.90, 1.10]  3.0      3           +75..105 to -200..250 92-119
+tiny      64 x 64         3.8 x [0.95, 1.05]   4.0      5           +50..60 to -118..130  43-48
+small     128 x 128       2.0 x [0.95, 1.05]   3.0      5           +50..60 to -118..130  57-64
+full      512 x 512       0.98 x [0.90, 1.10]  3.0      3           +75..105 to -200..250 93-119
 ========  ==============  ===================  =======  ==========  ===================  =========
 
 ``tiny`` is about 0.6 MB in memory (int16 + uint8), ``small`` about 3 MB, ``full`` about 80 MB.
@@ -268,6 +268,7 @@ def _shell_profile(inner: float, outer: float, edge: float) -> Callable[[np.ndar
 class _Params:
     rng: np.random.Generator
     hu_off: dict[str, float]
+    brain_region: Callable | None = None  # clip function of the brain (set once the context is built)
 
     def f(self, spread: float = 0.15) -> np.ndarray:
         """Per-axis radius factors uniform in [1 - spread, 1 + spread]."""
@@ -275,6 +276,12 @@ class _Params:
 
     def hu(self, name: str) -> float:
         return float(_HU[name] + self.hu_off[name])
+
+
+# spinal cord centre (x, y) at z = _CORD_ZREF, drifting posterior by _CORD_SLOPE mm per mm downwards
+_CORD_ZREF = -50.0
+_CORD_C0 = (0.0, 16.6)
+_CORD_SLOPE = 0.08
 
 
 def _mirror(p, side: int):
@@ -411,9 +418,8 @@ def _anatomy(p: _Params) -> list[_Shape]:
     # -- airway, spine
     S.append(_zcyl((0.0, -22.0), (0.0, 0.06), (11.0, 7.0), -400.0, -30.0, hu("air")))  # pharynx/larynx/trachea
     # cord centre y(z): 17 at z=-55, drifting posterior to 26 (mm)
-    cord_slope = 0.08
-    cz0, cz1 = -400.0, -50.0
-    cord_c0 = (0.0, 17.0 - cord_slope * 5.0)  # centre at z = cz1
+    cord_slope, cord_c0 = _CORD_SLOPE, _CORD_C0
+    cz0, cz1 = -400.0, _CORD_ZREF
 
     def cord_y(z):
         return cord_c0[1] + cord_slope * (cz1 - z)
@@ -536,15 +542,15 @@ def _organs(p: _Params) -> list[_Shape]:
     # spinal cord (20): elliptic tube inside the canal
     S.append(
         _zcyl(
-            p.cord_c0,
-            (0.0, p.cord_slope),
+            _CORD_C0,
+            (0.0, _CORD_SLOPE),
             np.array([6.5, 4.5]) * f(0.1)[:2],
             -400.0,
             -55.0 * bs[2] + 0.5,
             34.0 + off("spinal_cord"),
             amp=3.0,
             label=20,
-            zref=-50.0,
+            zref=_CORD_ZREF,
         )
     )
     # TM joints (18/19), middle ears (16/17), inner ears (14/15)
@@ -712,9 +718,7 @@ def make_case(*, seed: int, size: str = "small", case_id: str | None = None) -> 
     context = _anatomy(params)
     # values the organs share with the context
     brain_shape = context[[i for i, s in enumerate(context) if s.fn.__name__ == "brain_fn"][0]]
-    params.brain_region = _brain_clip(brain_shape)  # type: ignore[attr-defined]
-    params.cord_c0 = (0.0, 17.0 - 0.08 * 5.0)  # type: ignore[attr-defined]
-    params.cord_slope = 0.08  # type: ignore[attr-defined]
+    params.brain_region = _brain_clip(brain_shape)
     organs = _organs(params)
     noise_sd = rng.uniform(12.0, 18.0)
     noise_seed = rng.integers(0, 2**63)
