@@ -312,3 +312,15 @@ def test_edt_and_kdtree_paths_agree(monkeypatch):
         results.append(evaluate_case(pred, ref, spacing_zyx=ANISO, organs=(1, 4, 20)))
     for kd, edt in zip(*results):
         assert kd.hd95 == pytest.approx(edt.hd95, abs=1e-9) and kd.assd == pytest.approx(edt.assd, abs=1e-9)
+
+
+def test_scattered_noise_masks_match_medpy():
+    # many tiny components, voxels on every array face: a stress test of boundary and cropping
+    rng = np.random.default_rng(7)
+    a = rng.random((8, 30, 40)) < 0.3
+    b = rng.random((8, 30, 40)) < 0.05
+    sp = (3.0, 1.5, 0.7)
+    assert hausdorff(a, b, spacing_zyx=sp, convention="pooled") == pytest.approx(
+        medpy_binary.hd95(a, b, voxelspacing=sp), abs=1e-6
+    )
+    assert assd(a, b, spacing_zyx=sp) == pytest.approx(medpy_binary.assd(a, b, voxelspacing=sp), abs=1e-6)
