@@ -72,7 +72,11 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
 
 
 def _as_tensor(volume) -> torch.Tensor:
-    t = torch.as_tensor(volume) if not isinstance(volume, torch.Tensor) else volume
+    if isinstance(volume, torch.Tensor):
+        t = volume
+    else:  # a copy when needed (read-only zarr/memmap arrays, float16): torch warns on non-writable memory
+        arr = np.asarray(volume)
+        t = torch.from_numpy(np.array(arr, dtype=np.float32, copy=not arr.flags.writeable or None))
     if t.ndim != 4:
         raise ValueError(f"volume must be (C, Z, Y, X), got shape {tuple(t.shape)}")
     return t.to(dtype=torch.float32)
