@@ -1,0 +1,158 @@
+"""jobs.train: exact resumption, skip when done, 2-rank DDP on the local executor with MLflow, CLI checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from sepnet.hpc.checkpoint import load
+from sepnet.hpc.executors import make_executor, wait
+from sepnet.hpc.resources import ExecutorConfig
+from sepnet.jobs import cli
+from sepnet.jobs.config import MemberConfig, TrainingConfig
+from sepnet.jobs.train import TrainSpec, TrainTask, per_class_dice
+
+TINY = TrainingConfig(base=4, patch=[8, 32, 32], batch_size=2, epochs=2, iterations_per_epoch=3, val_every=3,
+                      checkpoint_every=2, num_workers=0, lr_step_epochs=1, seed=0)
+VAL_PATCH = [48, 64, 64]  # covers a tiny phantom volume: validation is one forward pass
+
+
+def tiny_spec(root, store, **kw) -> TrainSpec:
+    base = dict(study_root=str(root), store=str(store), member=MemberConfig(name="m1", alpha=0.5), training=TINY,
+                fold=0, train_cases=["case00", "case01", "case02"], val_cases=["case03"], val_patch=VAL_PATCH)
+    base.update(kw)
+    return TrainSpec(**base)
+
+
+def test_per_class_dice_by_hand():
+    ref = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 1, 1, 1, 0, 0])
+    d = per_class_dice(pred, ref, num_classes=4)
+    # class 0: 2*1/(3+2); class 1: 2*2/(3+2); class 2: 0; class 3: absent in both -> NaN
+    assert d[:3] == pytest.approx([0.4, 0.8, 0.0]) and np.isnan(d[3])
+
+
+def test_interrupted_and_resumed_is_bit_identical(tmp_path, tiny_store):
+    full = TrainTask(tiny_spec(tmp_path / "full", tiny_store))()
+    # stop mid-epoch (iteration 2 of 3), then resume across the epoch boundary and the lr step
+    stopped = TrainTask(tiny_spec(tmp_path / "resumed", tiny_store, stop_after=2))()
+    assert stopped == {"stopped_at": 2}
+    out = tmp_path / "resumed" / "models" / "fold0" / "m1"
+    assert not (out / "done.json").exists()
+    at2 = load(out / "last.pt")
+    assert at2["step"] == 2 and at2["epoch"] == 0 and len(at2["rng"]) == 1
+    resumed = TrainTask(tiny_spec(tmp_path / "resumed", tiny_store))()
+    assert resumed["resumed_from"] == [2] and full["resumed_from"] == []
+    a = load(tmp_path / "full" / "models" / "fold0" / "m1" / "last.pt")
+    b = load(out / "last.pt")
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # training moved the weights since the interruption, so equality is not trivial
+    assert any(not torch.equal(a["model"][k], at2["model"][k]) for k in a["model"])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    # StepLR x0.9 after each of the 2 epochs
+    assert a["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.9**2)
+    assert resumed["val_dice"] == full["val_dice"] and len(full["val_dice"]) == 23
+    assert full["iterations"] == 6 and full["params"] > 0
+    best = load(out / "best.pt")
+    assert best["score"] == pytest.approx(resumed["best_score"]) and best["spec"]["network"] == "sepnet"
+
+
+def test_rerun_with_done_json_returns_immediately(tmp_path, tiny_store):
+    spec = tiny_spec(tmp_path, tiny_store, training=dataclasses.replace(TINY, epochs=1, iterations_per_epoch=1))
+    first = TrainTask(spec)()
+    out = spec.out_dir
+    stamp = (out / "last.pt").stat().st_mtime_ns
+    (out / "best.pt").unlink()  # a real rerun would write it again
+    again = TrainTask(spec)()
+    assert again == first == json.loads((out / "done.json").read_text())
+    assert (out / "last.pt").stat().st_mtime_ns == stamp and not (out / "best.pt").exists()
+
+
+def test_two_rank_ddp_on_local_executor_logs_to_mlflow(tmp_path, tiny_store):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = tiny_spec(tmp_path, tiny_store, mlflow_uri=uri, experiment="tiny", config_text="name: tiny\n# verbatim\n",
+                     study_name="tiny")
+    ex = make_executor(ExecutorConfig(kind="local", tasks_per_node=2, time_min=10), folder=tmp_path / "logs",
+                       name="train/fold0/m1")
+    job = ex.submit(TrainTask(spec))
+    report = wait([job], poll_s=1.0)
+    assert report.ok, report.failed
+    results = job.results()
+    assert len(results) == 2 and results[0] == results[1]
+    done = results[0]
+    assert done["world_size"] == 2 and done["iterations"] == 6
+    ckpt = load(spec.out_dir / "last.pt")
+    assert len(ckpt["rng"]) == 2  # both ranks' RNG states gathered
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # ranks draw different dropout
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("tiny")
+    runs = c.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == done["mlflow_run_id"]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["training.lr"] == "0.001" and run.data.params["member.name"] == "m1"
+    assert run.data.tags["sepnet.fold"] == "0" and run.data.tags["sepnet.key"] == "tiny/fold0/m1"
+    assert run.data.tags["sepnet.executor_job_id"] == str(job.job_id)
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
+    assert len(c.get_metric_history(run.info.run_id, "val_dice_mean_fg")) == 2
+    path = c.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path / "dl"))
+    assert open(path).read() == "name: tiny\n# verbatim\n"
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _study(tmp_path, tiny_store, *, pad=True, patch=(8, 32, 32), with_store=True):
+    root = tmp_path / "study"
+    if with_store:
+        shutil.copytree(tiny_store, root / "store")
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        name: clitest
+        root: study
+        datasets: [{{path: data}}]
+        preprocess: {{transforms: [SLF1], crop: null}}
+        folds: {{k: 2, val_fraction: 0.3}}
+        members: [{{name: m1, transform: SLF1}}]
+        training: {{base: 4, patch: {list(patch)}, batch_size: 1, epochs: 1, iterations_per_epoch: 2,
+                   val_every: 2, checkpoint_every: 2, num_workers: 0, pad: {str(pad).lower()}}}
+        inference: {{patch: {VAL_PATCH}}}
+        executor: {{kind: debug}}
+        """))
+    return cfg, root
+
+
+def test_cli_errors_before_submission(tmp_path, tiny_store, capsys):
+    cfg, root = _study(tmp_path, tiny_store, with_store=False)
+    assert cli.main(["train", str(cfg), "--member", "m1", "--fold", "0"]) == 2
+    assert "store not found" in capsys.readouterr().err
+    shutil.copytree(tiny_store, root / "store")
+    assert cli.main(["train", str(cfg), "--member", "nope", "--fold", "0"]) == 2
+    assert "unknown member 'nope'; known: m1" in capsys.readouterr().err
+    assert cli.main(["train", str(cfg), "--member", "m1", "--fold", "5"]) == 2
+    assert "--fold 5" in capsys.readouterr().err
+    cfg2, _ = _study(tmp_path / "b", tiny_store, pad=False, patch=(64, 32, 32))
+    assert cli.main(["train", str(cfg2), "--member", "m1", "--fold", "0"]) == 2
+    assert "larger than case" in capsys.readouterr().err
+    assert not (root / "logs").exists()  # nothing was queued
+
+
+def test_cli_trains_with_debug_executor(tmp_path, tiny_store, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    cfg, root = _study(tmp_path, tiny_store)
+    assert cli.main(["train", str(cfg), "--member", "m1", "--fold", "1"]) == 0
+    done = json.loads((root / "models" / "fold1" / "m1" / "done.json").read_text())
+    folds = json.loads((root / "folds.json").read_text())["folds"]
+    assert done["iterations"] == 2 and done["fold"] == 1 and len(folds) == 2
+    assert cli.main(["train", str(cfg), "--member", "m1", "--fold", "1"]) == 0
+    assert "already trained" in capsys.readouterr().out
