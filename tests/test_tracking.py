@@ -1,0 +1,76 @@
+"""jobs.tracking against a real ``mlflow server`` on 127.0.0.1: idempotent runs, run tree, params, config."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from sepnet.jobs import tracking
+from sepnet.jobs.config import config_from_dict
+
+
+def _cfg(tmp_path, **mlflow):
+    return config_from_dict({"name": "s", "root": str(tmp_path / "study"), "datasets": [{"path": "d"}],
+                             "mlflow": mlflow})
+
+
+def test_resolve_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_uri(_cfg(tmp_path)) == f"sqlite:///{tmp_path / 'study' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert tracking.resolve_uri(_cfg(tmp_path)) == "http://127.0.0.1:9"
+    assert tracking.resolve_uri(_cfg(tmp_path, tracking_uri="http://h:1")) == "http://h:1"
+
+
+def test_default_artifact_location_beside_sqlite(tmp_path):
+    assert tracking.default_artifact_location(f"sqlite:///{tmp_path}/x/mlflow.db") == (
+        tmp_path / "x" / "mlartifacts").as_uri()
+    assert tracking.default_artifact_location("http://127.0.0.1:5000") is None
+
+
+def test_git_commit(tmp_path):
+    commit = tracking.git_commit()
+    assert commit is None or re.fullmatch(r"[0-9a-f]{40}", commit)
+    assert tracking.git_commit(tmp_path) is None  # not a checkout
+
+
+def test_run_tree_on_mlflow_server(mlflow_server):
+    c = tracking.client(mlflow_server)
+    exp = tracking.ensure_experiment(c, "tree")
+    assert tracking.ensure_experiment(c, "tree") == exp
+    parent = tracking.get_or_create_run(c, exp, key="tree", name="study")
+    kids = {m: tracking.get_or_create_run(c, exp, key=f"tree/fold0/{m}", name=m, parent_run_id=parent,
+                                          tags={"sepnet.member": m}) for m in ("a", "b")}
+    # reruns find the same runs: no duplicates
+    assert tracking.get_or_create_run(c, exp, key="tree", name="study") == parent
+    again = tracking.get_or_create_run(c, exp, key="tree/fold0/a", name="a", parent_run_id=parent,
+                                       tags={"sepnet.member": "a", "sepnet.executor_job_id": "42"})
+    assert again == kids["a"]
+    # read the tree back from the server
+    all_runs = c.search_runs([exp])
+    assert len(all_runs) == 3
+    children = c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(r.data.tags["sepnet.member"] for r in children) == ["a", "b"]
+    assert c.get_run(kids["a"]).data.tags["sepnet.executor_job_id"] == "42"
+    assert c.get_run(kids["b"]).info.run_name == "b"
+
+
+def test_params_and_config_on_mlflow_server(mlflow_server, tmp_path):
+    c = tracking.client(mlflow_server)
+    exp = tracking.ensure_experiment(c, "params")
+    run = tracking.get_or_create_run(c, exp, key="p", name="p")
+    params = {"training": {"lr": 0.001, "patch": [16, 128, 128]}, "long": "x" * 7000,
+              "many": {f"k{i:03d}": i for i in range(150)}}  # > 100 params: several batches
+    logged = tracking.log_params_flat(c, run, params)
+    got = c.get_run(run).data.params
+    assert got["training.lr"] == "0.001" and got["training.patch"] == "[16, 128, 128]"
+    assert len(got["long"]) == tracking.PARAM_VALUE_LIMIT and got["long"].endswith("...")
+    assert got["many.k149"] == "149" and len(got) == 153 == len(logged)
+    tracking.log_params_flat(c, run, params)  # rerun: same values, no "param already logged" error
+    with pytest.raises(Exception):  # noqa: B017 - MLflow refuses to change a logged param
+        tracking.log_params_flat(c, run, {"training": {"lr": 0.5}})
+    text = "name: s  # comment kept\nmembers:\n  - {name: m}\n"
+    tracking.log_config_text(c, run, text)
+    path = c.download_artifacts(run, "config.yaml", str(tmp_path))
+    assert open(path).read() == text
