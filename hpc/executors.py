@@ -214,6 +214,18 @@ def submit_array(executor: submitit.Executor, fn: Callable[..., Any], args_list:
     return jobs
 
 
+def submit_tasks(executor: submitit.Executor, tasks: Sequence[Callable[[], Any]]) -> list:
+    """Submit zero-argument callables (e.g. checkpointable ``TrainTask`` instances, which submitit
+    can requeue) as one batch / SLURM job array. Returns the jobs in input order."""
+    jobs = []
+    if not tasks:
+        return jobs
+    with executor.batch():
+        for task in tasks:
+            jobs.append(executor.submit(task))
+    return jobs
+
+
 def _job_ids(jobs: Sequence[Any]) -> list[str]:
     return [str(j.job_id) for j in jobs]
 
@@ -271,7 +283,8 @@ def _outcome(job: Any) -> tuple[str, Any, str | None]:
         state = "COMPLETED"
         return state, results[0] if results else None, None
     except Exception as exc:  # noqa: BLE001 - any job failure is reported, not raised
-        state = str(getattr(job, "state", "FAILED") or "FAILED").upper()
+        # sacct says e.g. "CANCELLED by 0": keep the state word
+        state = (str(getattr(job, "state", "FAILED") or "FAILED").upper().split() or ["FAILED"])[0]
         if state not in _FAILED_STATES:
             state = "FAILED"
         return state, None, _error_line(str(exc)) or type(exc).__name__
