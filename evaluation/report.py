@@ -339,7 +339,8 @@ def evaluate_claims(results: StudyResults) -> list[Claim]:
     table = vvc_dice_table(results.vvc) if results.vvc else []
     fit = vvc_dice_fit(table) if table else None
     if fit is not None and fit.n >= 3 and math.isfinite(fit.r):
-        claims.append(Claim(6, title6, "held" if fit.r < 0 else "not held",
+        # "held" needs a negative correlation that is also significant (p < 0.05), not just a sign
+        claims.append(Claim(6, title6, "held" if fit.r < 0 and fit.p < 0.05 else "not held",
                             f"Pearson r = {fit.r:.2f} (p = {fit.p:.3g}), slope {100 * fit.slope:.1f} "
                             f"DSC-% per unit VVC, over {fit.n} organs", [asdict(fit)]))
     else:

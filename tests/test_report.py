@@ -198,3 +198,17 @@ def test_figures_write_valid_pngs(tmp_path):
     with pytest.raises(ValueError, match="does not match"):
         figures.overlay_figure(img, ref[:4], None, tmp_path / "x.png", spacing_zyx=(3, 1, 1))
     assert not math.isnan(float(h.max()))
+
+
+def test_claim6_needs_a_significant_negative_correlation():
+    organs = list(range(1, 11))
+    # strongly negative: Dice falls as VVC rises across 10 organs -> held
+    strong = [VVCRow(0, "c0", o, 0.05 * i, 0.9 - 0.05 * i) for i, o in enumerate(organs)]
+    c6 = {c.id: c for c in evaluate_claims(_results(vvc=strong))}[6]
+    assert c6.status == "held" and c6.numbers[0]["r"] < -0.99
+    # a negative sign alone is not enough: a weak, non-significant r is "not held"
+    dice = [0.5, 0.9, 0.1, 0.7, 0.3, 0.8, 0.2, 0.6, 0.4, 0.45]
+    weak = [VVCRow(0, "c0", o, 0.05 * i, d) for i, (o, d) in enumerate(zip(organs, dice))]
+    c6 = {c.id: c for c in evaluate_claims(_results(vvc=weak))}[6]
+    r, p = c6.numbers[0]["r"], c6.numbers[0]["p"]
+    assert r < 0 and p > 0.05 and c6.status == "not held"
