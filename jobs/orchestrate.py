@@ -31,10 +31,6 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "-", name)
 
 
-def call_task(task: Any) -> Any:
-    """Module-level trampoline so that one array can hold different task objects."""
-    return task()
-
 
 def study_run_keys(cfg: StudyConfig, fold: int | None = None) -> str:
     return cfg.name if fold is None else f"{cfg.name}/fold{fold}"
@@ -143,12 +139,13 @@ class StudyRun:
 
     # ------------------------------------------------------------------ SLURM: queue everything now
     def submit_slurm(self) -> None:
-        from sepnet.hpc.executors import submit_after, submit_array
+        from sepnet.hpc.executors import submit_after, submit_tasks
 
         todo = [j for j in self.planned.values() if not j.done]
         trains = [j for j in todo if j.kind == "train"]
         ex = self._executor("train")
-        for j, job in zip(trains, submit_array(ex, call_task, [(self.tasks[j.name],) for j in trains])):
+        # the task objects themselves (not a wrapper) so that submitit can requeue them on preemption
+        for j, job in zip(trains, submit_tasks(ex, [self.tasks[j.name] for j in trains])):
             self.jobs[j.name] = job
         exe = self._executor("evaluate")
         for j in [j for j in todo if j.kind == "evaluate"]:
