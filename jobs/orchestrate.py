@@ -79,6 +79,7 @@ def train_spec(cfg: StudyConfig, folds: list[dict], fold: int, model_name: str, 
         val_cases=list(f["val"]), mlflow_uri=tracking.resolve_uri(cfg),
         experiment=cfg.mlflow.experiment or cfg.name, parent_run_id=parent_run_id,
         config_text=cfg.source_text, study_name=cfg.name,
+        val_patch=list(cfg.inference.patch) if cfg.inference.patch else None, val_overlap=cfg.inference.overlap,
     )
 
 
