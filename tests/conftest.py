@@ -220,3 +220,44 @@ def make_tiny_store(root: Path, *, cases: int = 4) -> Path:
 def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of a session-wide tiny store (4 cases: case00..case03, channel SLF1). Do not write into it."""
     return make_tiny_store(tmp_path_factory.mktemp("tiny"))
+
+
+# --------------------------------------------------------------------------- a whole tiny study
+
+TINY_STUDY = """\
+name: tiny
+root: study
+datasets:
+  - path: data
+    format: structseg
+    phantom: {{cases: 4, seed: 3, size: tiny}}
+preprocess: {{transforms: [SLF1, SLF2], crop: null, chunks: [1, 16, 64, 64], workers: 1}}
+folds: {{k: 2, seed: 0, val_fraction: 0.5}}
+members:
+  - {{name: sep-slf1-a05, network: sepnet, transform: SLF1, loss: ath_exp_log, alpha: 0.5}}
+  - {{name: sep-slf2-a1, network: sepnet, transform: SLF2, loss: ath_exp_log, alpha: 1.0}}
+baselines:
+  - {{name: unet3d, network: unet3d, transform: SLF1, loss: ath_exp_log, alpha: 0.5}}
+training: {{base: 4, patch: [16, 32, 32], batch_size: 1, epochs: 1, iterations_per_epoch: 4, val_every: 4,
+           checkpoint_every: 2, num_workers: 0, foreground_fraction: 1.0}}
+inference: {{patch: [16, 64, 64], overlap: 0.25, batch_size: 2}}
+executor: {{kind: {kind}, array_parallelism: 2, time_min: 20}}
+"""
+
+
+def write_tiny_study(folder: Path, *, kind: str = "local", extra: str = "") -> Path:
+    """A 4-case tiny-phantom study YAML (2 folds, 2 members + 1 baseline, 4 iterations each)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = folder / "study.yaml"
+    cfg.write_text(TINY_STUDY.format(kind=kind) + extra)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def trained_study(tmp_path_factory) -> Path:
+    """The tiny study run to the end with the local executor; returns its YAML path."""
+    from sepnet.jobs.cli import main
+
+    cfg = write_tiny_study(tmp_path_factory.mktemp("tiny-study"))
+    assert main(["cv", str(cfg)]) == 0
+    return cfg
