@@ -4,7 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from sepnet.core.networks import NETWORKS, AxisConv3d, build, count_parameters, set_fast, to_plain_conv3d
+from sepnet.core.networks import (
+    NETWORKS,
+    AxisConv3d,
+    build,
+    count_parameters,
+    set_channels_last,
+    set_fast,
+    to_plain_conv3d,
+)
 
 # method-notes §3 (b = 24, 1 input channel, 23 classes); unet3d_se is this toolkit's own count
 EXPECTED = {
@@ -85,10 +93,12 @@ def test_axis_conv_fast_equals_conv3d(kernel, channels_last):
 
 @pytest.mark.parametrize("name", NETWORKS)
 @pytest.mark.parametrize("axis", ["z", "x"])
-def test_fast_model_equals_plain_conv3d_model(name, axis):
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fast_model_equals_plain_conv3d_model(name, axis, channels_last):
     if name.startswith("unet") and axis != "z":
         pytest.skip("separable_axis only concerns SepNet")
     fast = build(name, in_channels=2, num_classes=3, base=4, separable_axis=axis, seed=1).double().eval()
+    set_channels_last(fast, channels_last)
     plain = to_plain_conv3d(fast)
     assert not any(isinstance(m, AxisConv3d) for m in plain.modules())
     assert sum(isinstance(m, nn.Conv3d) for m in plain.modules()) == sum(
