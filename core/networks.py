@@ -31,9 +31,13 @@ in a micro-benchmark). SepNet runs in ``channels_last_3d`` memory format, where 
 views, and its instance norm uses ``F.group_norm`` (one group per channel: same statistic, keeps the
 layout). ``set_fast(model, False)`` switches to the reference ``F.conv3d`` path, ``set_channels_last``
 chooses the memory format, ``to_plain_conv3d(model)`` returns a copy built from plain ``nn.Conv3d``.
-Measured on a shared 2-thread CPU (very noisy; forward+backward+Adam, batch 2, 1 -> 23 classes, b = 24),
-this default was the fastest SepNet variant but SepNet was still ~0.9-1.3x the 3D-UNet step, not the
-0.51x its FLOPs suggest: at full resolution SepNet runs 15 convs + 15 norms per step against 3D-UNet's 4.
+Measured later on a quieter machine (1 thread, batch 2, 16x64x64, forward+backward+Adam): at base 8
+plain conv3d 0.74 s, the conv2d views in the default layout 1.20 s, channels-last 1.76 s; at base 24
+3.75 s, 3.55 s and 5.66 s. So ``build`` defaults to ``fast=False`` (plain oneDNN conv3d, the fastest or
+within noise at every size measured) and SepNet's fast path runs in the default memory format; both
+fast variants stay available (``fast=True``, ``set_channels_last``) for other machines (see
+docs/benchmarks.md). SepNet stays ~0.9x the 3D-UNet step, not the 0.51x its FLOPs suggest: at full
+resolution it runs 15 convs + 15 norms per block stack against the 3D-UNet's 4, which are memory-bound.
 """
 
 from __future__ import annotations
@@ -246,7 +250,7 @@ class _EncDec(nn.Module):
 class SepNet(_EncDec):
     """3D-SepNet (optionally with squeeze-excitation per block)."""
 
-    channels_last = True
+    channels_last = False
 
     def __init__(
         self,
@@ -273,7 +277,6 @@ class SepNet(_EncDec):
         ]
         super().__init__(enc, bottleneck, dec, 2 * b, num_classes, fast)
         self.separable_axis = separable_axis
-        set_channels_last(self, True)
 
 
 class UNet3D(_EncDec):
@@ -307,7 +310,7 @@ def build(
     num_classes: int,
     base: int = 24,
     separable_axis: str = "z",
-    fast: bool = True,
+    fast: bool = False,
     seed: int | None = None,
 ) -> nn.Module:
     """Build a network by name (one of ``NETWORKS``); returns an ``nn.Module`` giving logits.
@@ -318,7 +321,8 @@ def build(
         num_classes: output classes incl. background (23 for StructSeg).
         base: b in the channel plan (paper/code: 24 for SepNet; the paper's baselines used 48).
         separable_axis: SepNet's inter-slice axis, "z" (default), "y" or "x"; ignored by the U-Nets.
-        fast: use the conv2d fast path of :class:`AxisConv3d` (same weights, same outputs).
+        fast: use the conv2d view path of :class:`AxisConv3d` (same weights, same outputs); off by default
+            because plain conv3d measured as fast or faster on CPU (module docstring).
         seed: if given, parameters are initialised from ``torch.manual_seed(seed)`` inside a forked RNG
             (the global RNG is left untouched); None uses the current global RNG.
 
