@@ -373,16 +373,19 @@ def _train(spec: TrainSpec, env: ddp.DistEnv) -> dict[str, Any]:
         ddp.barrier()
 
     net.train()
+    # One loader for the whole run: with workers they persist, so their decompressed-case caches survive
+    # epochs (the epoch reaches them through the dataset's shared memory). Its own generator: creating an
+    # iterator must not draw from the global RNG (resume mid-epoch).
+    range_sampler = _RangeSampler(0, ipe * per_iter)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=tr.batch_size, sampler=range_sampler,
+        num_workers=tr.num_workers, generator=torch.Generator().manual_seed(tr.seed),
+        pin_memory=on_cuda, persistent_workers=tr.num_workers > 0,
+    )
     while step < stop_at:
         epoch = step // ipe
         dataset.set_epoch(epoch)
-        start = (step % ipe) * per_iter
-        # own generator: creating an iterator must not draw from the global RNG (resume mid-epoch)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=tr.batch_size, sampler=_RangeSampler(start, ipe * per_iter),
-            num_workers=tr.num_workers, generator=torch.Generator().manual_seed(tr.seed),
-            pin_memory=on_cuda, persistent_workers=False,
-        )
+        range_sampler.start = (step % ipe) * per_iter
         batches = iter(loader)
         for _ in range(step % ipe, ipe):
             loss_sum = 0.0
@@ -429,7 +432,8 @@ def _train(spec: TrainSpec, env: ddp.DistEnv) -> dict[str, Any]:
                 time.sleep(spec.sleep_s)
             if step >= stop_at:
                 break
-        del batches, loader
+        del batches
+    del loader  # ends persistent workers
 
     if step < total:  # stopped early on purpose: resumable, not done
         tracker.flush()

@@ -38,16 +38,20 @@ def test_per_class_dice_by_hand():
     assert d[:3] == pytest.approx([0.4, 0.8, 0.0]) and np.isnan(d[3])
 
 
-def test_interrupted_and_resumed_is_bit_identical(tmp_path, tiny_store):
-    full = TrainTask(tiny_spec(tmp_path / "full", tiny_store))()
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_and_resumed_is_bit_identical(tmp_path, tiny_store, workers):
+    # with workers, the loader's processes persist across epochs (their case caches too) and must still
+    # follow the epoch: the resumed run and the uninterrupted one see the same patches
+    training = dataclasses.replace(TINY, num_workers=workers)
+    full = TrainTask(tiny_spec(tmp_path / "full", tiny_store, training=training))()
     # stop mid-epoch (iteration 2 of 3), then resume across the epoch boundary and the lr step
-    stopped = TrainTask(tiny_spec(tmp_path / "resumed", tiny_store, stop_after=2))()
+    stopped = TrainTask(tiny_spec(tmp_path / "resumed", tiny_store, stop_after=2, training=training))()
     assert stopped == {"stopped_at": 2}
     out = tmp_path / "resumed" / "models" / "fold0" / "m1"
     assert not (out / "done.json").exists()
     at2 = load(out / "last.pt")
     assert at2["step"] == 2 and at2["epoch"] == 0 and len(at2["rng"]) == 1
-    resumed = TrainTask(tiny_spec(tmp_path / "resumed", tiny_store))()
+    resumed = TrainTask(tiny_spec(tmp_path / "resumed", tiny_store, training=training))()
     assert resumed["resumed_from"] == [2] and full["resumed_from"] == []
     a = load(tmp_path / "full" / "models" / "fold0" / "m1" / "last.pt")
     b = load(out / "last.pt")
@@ -64,6 +68,16 @@ def test_interrupted_and_resumed_is_bit_identical(tmp_path, tiny_store):
     assert full["iterations"] == 6 and full["params"] > 0
     best = load(out / "best.pt")
     assert best["score"] == pytest.approx(resumed["best_score"]) and best["spec"]["network"] == "sepnet"
+
+
+def test_loader_workers_do_not_change_the_result(tmp_path, tiny_store):
+    # persistent workers must follow the epoch (patches of epoch 1 differ from epoch 0's): the weights after
+    # 2 epochs with 2 workers equal those of the in-process loader
+    runs = {}
+    for w in (0, 2):
+        TrainTask(tiny_spec(tmp_path / f"w{w}", tiny_store, training=dataclasses.replace(TINY, num_workers=w)))()
+        runs[w] = load(tmp_path / f"w{w}" / "models" / "fold0" / "m1" / "last.pt")["model"]
+    assert all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
 
 
 def test_rerun_with_done_json_returns_immediately(tmp_path, tiny_store):
