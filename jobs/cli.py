@@ -23,7 +23,7 @@ from sepnet.core.errors import SepnetError
 COMMANDS: dict[str, tuple[str, str]] = {
     "phantom": ("sepnet.jobs.phantom", "write a synthetic head-and-neck CT dataset (any supported format)"),
     "preprocess": ("sepnet.jobs.preprocess", "convert a dataset into a chunked Zarr store of SLF copies"),
-    "fingerprint": ("sepnet.jobs.preprocess_fingerprint", "print the dataset fingerprint of a store"),
+    "fingerprint": ("sepnet.jobs.fingerprint", "print the dataset fingerprint of a store"),
     "train": ("sepnet.jobs.train", "train one model (network x transform x loss x fold) from a config"),
     "evaluate": ("sepnet.jobs.evaluate", "evaluate predictions or trained models against references"),
     "predict": ("sepnet.jobs.predict", "segment new CT scans with the ensemble, with uncertainty"),
@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sepnet {known.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"sepnet {known.command}: interrupted", file=sys.stderr)
         return 130
