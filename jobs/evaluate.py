@@ -61,6 +61,7 @@ class EvalSpec:
     experiment: str | None = None
     fold_run_key: str | None = None
     save_maps: bool = True
+    threads: int | None = None  # torch intra-op threads (executor.cpus_per_task)
 
 
 def _device() -> torch.device:
@@ -99,6 +100,8 @@ class EvalTask:
             return json.loads((out / "done.json").read_text())
         t0 = time.time()
         device = _device()
+        if s.threads:
+            torch.set_num_threads(s.threads)
         torch.set_grad_enabled(False)
         store = Store(s.store)
         models = {name: load_trained(layout.model_dir(s.fold, name)) for name in s.models}

@@ -80,6 +80,7 @@ def train_spec(cfg: StudyConfig, folds: list[dict], fold: int, model_name: str, 
         experiment=cfg.mlflow.experiment or cfg.name, parent_run_id=parent_run_id,
         config_text=cfg.source_text, study_name=cfg.name,
         val_patch=list(cfg.inference.patch) if cfg.inference.patch else None, val_overlap=cfg.inference.overlap,
+        threads=cfg.executor.cpus_per_task,
     )
 
 
@@ -93,6 +94,7 @@ def eval_spec(cfg: StudyConfig, folds: list[dict], fold: int) -> EvalSpec:
         members=[m.name for m in cfg.members], inference=asdict(cfg.inference), ensemble=asdict(cfg.ensemble),
         evaluation=asdict(cfg.evaluation), patch=list(cfg.training.patch), mlflow_uri=tracking.resolve_uri(cfg),
         experiment=cfg.mlflow.experiment or cfg.name, fold_run_key=study_run_keys(cfg, fold),
+        threads=cfg.executor.cpus_per_task,
     )
 
 

@@ -79,6 +79,7 @@ class TrainSpec:
     stop_after: int | None = None
     sleep_s: float = 0.0
     extra_tags: dict[str, str] = field(default_factory=dict)
+    threads: int | None = None  # torch intra-op threads (executor.cpus_per_task); None = SLURM's or torch's
 
     @property
     def out_dir(self) -> Path:
@@ -305,7 +306,10 @@ def _train(spec: TrainSpec, env: ddp.DistEnv) -> dict[str, Any]:
     torch.backends.cudnn.benchmark = False
 
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    if cpus and cpus.isdigit():  # the allocation, not the node's core count (oversubscription is slow)
+    # the allocation, not the node's core count: several local jobs each using every core oversubscribe it
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    elif cpus and cpus.isdigit():
         torch.set_num_threads(int(cpus))
     store = Store(spec.store)
     model = build(spec.member.network, in_channels=len(spec.channels), num_classes=spec.num_classes,
@@ -528,6 +532,7 @@ def make_spec(cfg: Any, *, member: str, fold: int) -> TrainSpec:
         val_cases=list(f["val"]), mlflow_uri=tracking.resolve_uri(cfg),
         experiment=cfg.mlflow.experiment or cfg.name, config_text=cfg.source_text, study_name=cfg.name,
         val_patch=list(cfg.inference.patch) if cfg.inference.patch else None, val_overlap=cfg.inference.overlap,
+        threads=cfg.executor.cpus_per_task,
     )
 
 
