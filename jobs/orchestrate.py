@@ -249,8 +249,18 @@ class StudyRun:
 
     def wait(self) -> bool:
         if self.cfg.executor.kind == "slurm":
-            return self.wait_slurm()
-        return self.run_local()
+            return self.wait_slurm()  # Ctrl-C stops following; the queued jobs go on (`sepnet status`)
+        try:
+            return self.run_local()
+        except KeyboardInterrupt:
+            # local jobs are children of this shell session: stop them rather than leave orphans writing
+            for name, job in self.jobs.items():
+                if name not in self.finished:
+                    try:
+                        job.cancel(check=False)
+                    except Exception:  # noqa: BLE001 - best effort on the way out
+                        pass
+            raise
 
     def failure_summary(self) -> str:
         lines = [f"FAILED {n}: {m}" for n, m in self.failed.items()]
