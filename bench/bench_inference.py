@@ -86,8 +86,26 @@ def analytic(shape, patch, overlap):
     return n_sw, len(starts), ref / sw
 
 
+def study_model(study):
+    """Fold 0's first ensemble member of a trained study and that fold's test cases from its store."""
+    import json
+    from pathlib import Path
+
+    from sepnet.data.store import Store
+    from sepnet.jobs.models import find_models, load_trained
+
+    root = Path(study)
+    model = load_trained(find_models(root)[0][0])
+    store = Store(root / "store")
+    folds = json.loads((root / "folds.json").read_text())["folds"]
+    test = [(store.read_image(c, model.channels), store.read_label(c).astype(np.int64)) for c in folds[0]["test"]]
+    return model.network.eval(), test, tuple(model.spec["patch"]), f"{model.name} of {root}"
+
+
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--study", help="use a trained study's fold-0 member and test cases (e.g. studies/quickstart)")
+    args = p.parse_args()
     set_threads(args)
     import torch
 
@@ -99,12 +117,17 @@ def main() -> None:
     iters = 3 if args.quick else 150
     base, patch = 4, (16, 32, 32)
     t0 = time.perf_counter()
-    train = _cases(1 if args.quick else 4, size="tiny", seed0=0)
-    test = _cases(1 if args.quick else 2, size="tiny", seed0=100)
-    model = train_tiny(train, iters=iters, base=base, patch=patch)
-    print(f"Model: SepNet base {base}, trained {iters} iterations (batch 2, patch {patch}) on {len(train)} tiny "
-          f"phantom cases in {time.perf_counter() - t0:.0f} s; tested on {len(test)} other cases of shape "
-          f"{test[0][0].shape[1:]}; {reps} repetitions, alternating.\n")
+    if args.study:
+        model, test, patch, what = study_model(args.study)
+        print(f"Model: {what} (patch {patch}); tested on its {len(test)} test cases of shape "
+              f"{test[0][0].shape[1:]}; {reps} repetitions, alternating.\n")
+    else:
+        train = _cases(1 if args.quick else 4, size="tiny", seed0=0)
+        test = _cases(1 if args.quick else 2, size="tiny", seed0=100)
+        model = train_tiny(train, iters=iters, base=base, patch=patch)
+        print(f"Model: SepNet base {base}, trained {iters} iterations (batch 2, patch {patch}) on {len(train)} "
+              f"tiny phantom cases in {time.perf_counter() - t0:.0f} s; tested on {len(test)} other cases of "
+              f"shape {test[0][0].shape[1:]}; {reps} repetitions, alternating.\n")
     plane = tuple(test[0][0].shape[2:])
     voxels = {"sw": 0, "ref": 0, "swp": 0}
 
@@ -123,7 +146,7 @@ def main() -> None:
             with torch.inference_mode():
                 for img, lab in test:
                     if key in ("sw", "swp"):
-                        p = patch if key == "sw" else (16,) + plane
+                        p = patch if key == "sw" else (patch[0],) + plane
                         probs = sliding_window(img, predictor(key), num_classes=23, patch=p, overlap=0.5,
                                                batch_size=2)
                     else:
@@ -139,7 +162,7 @@ def main() -> None:
     table(["scheme", "s per volume (median)", "voxels through the net per volume", "mean fg Dice"], [
         [f"sliding_window (patch {patch}, overlap 0.5, Gaussian)", t_sw / len(test), v_sw / len(test), d_sw],
         ["reference_windows (16 slices, full plane, z-stride 2)", t_ref / len(test), v_ref / len(test), d_ref],
-        [f"sliding_window (patch (16, {plane[0]}, {plane[1]}) = full plane, overlap 0.5, Gaussian)",
+        [f"sliding_window (patch ({patch[0]}, {plane[0]}, {plane[1]}) = full plane, overlap 0.5, Gaussian)",
          t_swp / len(test), v_swp / len(test), d_swp],
     ])
     rows = []
