@@ -5,7 +5,7 @@ forward + cross-entropy + backward + Adam step time (median of alternating repet
 FLOPs of forward + backward (``torch.utils.flop_counter.FlopCounterMode``), achieved FLOP/s as a fraction
 of a 2048x2048 float32 matmul measured in the same alternation, and peak resident memory of one step
 (``resource.getrusage`` max RSS in a fresh subprocess per model, minus the RSS after building the model).
-SepNet's conv2d fast path (default) is compared with the same weights as plain ``nn.Conv3d``
+SepNet's conv2d fast path (opt-in: build(..., fast=True)) is compared with the same weights as plain ``nn.Conv3d``
 (``to_plain_conv3d``), outputs checked equal to float tolerance. GPU figures (AMP) where CUDA exists.
 
 Run: ``.venv/bin/python bench/bench_models.py [--quick]``.
@@ -51,7 +51,7 @@ def _setup(name, cfg, device="cpu", plain=False):
 
     from sepnet.core.networks import build, to_plain_conv3d
 
-    model = build(name, in_channels=1, num_classes=23, base=cfg["base"], seed=0)
+    model = build(name, in_channels=1, num_classes=23, base=cfg["base"], seed=0, fast=not plain)
     if plain:
         model = to_plain_conv3d(model)
     model = model.to(device)
