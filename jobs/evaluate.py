@@ -86,13 +86,6 @@ class EvalTask:
         self.spec = spec
 
     def __call__(self) -> dict:
-        from sepnet.core.ensemble import member_volumes, vote_entropy, vvc
-        from sepnet.core.inference import sliding_window
-        from sepnet.data.store import Store
-        from sepnet.evaluation.metrics import evaluate_case, metrics_table, to_rows
-        from sepnet.evaluation.uncertainty import error_counts, pool
-        from sepnet.jobs.models import load_trained
-
         s = self.spec
         layout = Layout(Path(s.study_root))
         out = layout.eval_dir(s.fold)
@@ -102,7 +95,17 @@ class EvalTask:
         device = _device()
         if s.threads:
             torch.set_num_threads(s.threads)
-        torch.set_grad_enabled(False)
+        with torch.no_grad():  # a context, not set_grad_enabled: debug jobs share this process
+            return self._evaluate(s, layout, out, t0, device)
+
+    def _evaluate(self, s, layout, out, t0, device) -> dict:
+        from sepnet.core.ensemble import member_volumes, vote_entropy, vvc
+        from sepnet.core.inference import sliding_window
+        from sepnet.data.store import Store
+        from sepnet.evaluation.metrics import evaluate_case, metrics_table, to_rows
+        from sepnet.evaluation.uncertainty import error_counts, pool
+        from sepnet.jobs.models import load_trained
+
         store = Store(s.store)
         models = {name: load_trained(layout.model_dir(s.fold, name)) for name in s.models}
         members = [models[n] for n in s.members if n in models]

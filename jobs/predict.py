@@ -202,10 +202,6 @@ def organ_summary(labels_orig: np.ndarray, spacing_orig_zyx, member_labels: np.n
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from sepnet.data.readers import read_image
-
     plan, models_root = _plan_for(args)
     ensembles = load_ensemble(models_root, str(args.fold))
     inputs = discover_inputs(Path(args.input))
@@ -218,7 +214,15 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise DataError(f"{out_root}: output folder is not writable ({e.strerror})") from None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # a context: the caller's grad mode is left as it was
+        return _predict_all(args, inputs, ensembles, plan, out_root, device)
+
+
+def _predict_all(args, inputs, ensembles, plan, out_root: Path, device) -> int:
+    from tqdm import tqdm
+
+    from sepnet.data.readers import read_image
+
     n_models = sum(len(v) for v in ensembles.values())
     print(f"{len(inputs)} input(s); ensemble of {n_models} model(s) from fold(s) {', '.join(map(str, ensembles))}")
     failed = 0

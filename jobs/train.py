@@ -282,7 +282,8 @@ class TrainTask(Checkpointable):
             return json.loads(done.read_text())
         env = ddp.init_distributed()
         try:
-            return _train(self.spec, env)
+            with torch.enable_grad():  # whatever grad mode the calling process (debug executor) is in
+                return _train(self.spec, env)
         finally:
             ddp.cleanup()
 
