@@ -193,40 +193,17 @@ def phantom_or_synthetic(*, size: str, seed: int, case_id: str, shape=None):
 
 
 def write_structseg(case, root: Path) -> Path:
-    """``<root>/<case_id>/data.nii.gz`` + ``label.nii.gz`` (SimpleITK, compressed), as StructSeg ships them."""
-    import SimpleITK as sitk
+    """``<root>/<case_id>/data.nii.gz`` + ``label.nii.gz``, as StructSeg ships them (the project's writer)."""
+    from sepnet.data.readers import write_case
 
-    d = Path(root) / case.case_id
-    d.mkdir(parents=True, exist_ok=True)
-    for arr, name in ((case.image, "data.nii.gz"), (case.label, "label.nii.gz")):
-        img = sitk.GetImageFromArray(arr)
-        img.SetSpacing(tuple(float(v) for v in case.geometry.spacing))
-        img.SetOrigin(tuple(float(v) for v in case.geometry.origin))
-        img.SetDirection(tuple(float(v) for v in case.geometry.direction))
-        sitk.WriteImage(img, str(d / name), True)
-    return d
+    return write_case(case, root, format="structseg")
 
 
 def preprocess_store(dataset: Path, store: Path, **kw):
-    """``sepnet.data.store.preprocess`` on a StructSeg folder; uses a StructSeg-only reader stand-in if
-    ``sepnet.data.readers`` does not exist yet (same as tests/conftest.py)."""
+    """``sepnet.data.store.preprocess`` on a StructSeg folder; raises if a case failed."""
     from sepnet.data.store import preprocess
 
-    try:
-        import sepnet.data.readers  # noqa: F401
-
-        stub = None
-    except ImportError:
-        sys.path.insert(0, str(REPO / "tests"))
-        from conftest import _stub_readers
-
-        stub = _stub_readers()
-        sys.modules["sepnet.data.readers"] = stub
-    try:
-        report = preprocess(dataset, store, format="structseg", progress=False, **kw)
-    finally:
-        if stub is not None:
-            sys.modules.pop("sepnet.data.readers", None)
+    report = preprocess(dataset, store, format="structseg", progress=False, **kw)
     if report.failed:
         raise RuntimeError(f"preprocess failed: {report.failed}")
     return report

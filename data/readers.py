@@ -515,6 +515,16 @@ def _write_sitk(arr: np.ndarray, g: Geometry, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> Path:
+    """Write any (z, y, x) array (e.g. float32 uncertainty) on ``geometry`` as NIfTI or NRRD, atomically."""
+    path = Path(path)
+    array = np.asarray(array)
+    if tuple(array.shape) != tuple(geometry.shape):
+        raise DataError(f"{path}: array shape {array.shape} does not match geometry shape {tuple(geometry.shape)}")
+    _write_sitk(array, geometry, path)
+    return path
+
+
 def write_labels(label: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> Path:
     """Write a uint8 (z, y, x) label map as NIfTI (``.nii.gz``/``.nii``) or NRRD, atomically."""
     path = Path(path)

@@ -188,13 +188,13 @@ class EvalTask:
     # ------------------------------------------------------------------ outputs
 
     def _save_maps(self, out: Path, case: str, store, meta, ens, entropy, ref, *, first: bool) -> None:
+        from sepnet.data.readers import write_labels, write_volume
         from sepnet.data.store import to_original
 
         ens_dir = out / "ensemble"
-        ens_dir.mkdir(parents=True, exist_ok=True)
-        write_nifti(to_original(ens, meta, order=0), meta.geometry, ens_dir / f"{case}_labels.nii.gz")
-        write_nifti(to_original(entropy.astype(np.float32), meta, order=1), meta.geometry,
-                    ens_dir / f"{case}_entropy.nii.gz")
+        write_labels(to_original(ens, meta, order=0), meta.geometry, ens_dir / f"{case}_labels.nii.gz")
+        write_volume(to_original(entropy.astype(np.float32), meta, order=1), meta.geometry,
+                     ens_dir / f"{case}_entropy.nii.gz")
         if first:
             from sepnet.evaluation import figures
 
@@ -245,21 +245,6 @@ class EvalTask:
 
 def model_run_key(study: str, fold: int, model: str) -> str:
     return f"{study}/fold{fold}/{model}"
-
-
-def write_nifti(array: np.ndarray, geometry, path: Path) -> None:
-    """Write a (z, y, x) array on ``geometry`` as NIfTI, atomically."""
-    import SimpleITK as sitk
-
-    img = sitk.GetImageFromArray(array)
-    img.SetSpacing(tuple(float(v) for v in geometry.spacing))
-    img.SetOrigin(tuple(float(v) for v in geometry.origin))
-    img.SetDirection(tuple(float(v) for v in geometry.direction))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    sitk.WriteImage(img, str(tmp), useCompression=True)
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- CLI: compare label files
@@ -338,4 +323,4 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-__all__ = ["EvalSpec", "EvalTask", "asdict", "model_run_key", "write_nifti"]
+__all__ = ["EvalSpec", "EvalTask", "asdict", "model_run_key"]

@@ -232,10 +232,10 @@ def _predict_all(args, inputs, ensembles, plan, out_root: Path, device) -> int:
             labels, entropy, member_labels, spacing = predict_case(
                 image, geom, ensembles, plan, device=device, overlap=args.overlap, tta=args.tta, case_id=case)
             out = out_root / case
-            from sepnet.jobs.evaluate import write_nifti
+            from sepnet.data.readers import write_labels, write_volume
 
-            write_nifti(labels, geom, out / "labels.nii.gz")
-            write_nifti(entropy, geom, out / "uncertainty.nii.gz")
+            write_labels(labels, geom, out / "labels.nii.gz")
+            write_volume(entropy, geom, out / "uncertainty.nii.gz")
             organs = organ_summary(labels, geom.spacing_zyx, member_labels, spacing,
                                    vvc_threshold=args.vvc_threshold)
             summary = {

@@ -4,10 +4,8 @@
   sqlite database and artifact folder; stopped by killing its process group.
 - ``slurm`` marker / fixture: tests marked ``@pytest.mark.slurm`` are skipped unless ``sbatch`` is
   on PATH and ``sinfo`` answers (start the cluster with ``hpc/slurm-ci/start-slurm.sh``).
-- ``tiny_store`` (session): 4 labelled cases (16 x 40 x 40 voxels, one SLF1 channel) preprocessed
-  into a Zarr store with ``sepnet.data.store.preprocess``; the cases come from
-  ``sepnet.data.phantom.make_case(size="tiny")`` when that module exists, else from a small
-  synthetic generator here.
+- ``tiny_store`` (session): 4 tiny phantom cases (``sepnet.data.phantom``, written with
+  ``sepnet.data.readers.write_case``) preprocessed into a Zarr store (one SLF1 channel).
 """
 
 from __future__ import annotations
@@ -19,11 +17,9 @@ import socket
 import subprocess
 import sys
 import time
-import types
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 cores shared: 1 thread is ~10x faster under load
@@ -120,98 +116,17 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> str:
 TINY_SHAPE = (16, 40, 40)  # (z, y, x)
 
 
-def _synthetic_case(case_id: str, *, seed: int):
-    """CT-like tiny case: an elliptic body (~40 HU), a bone block, 4 organ blocks (ids 1, 2, 20, 21)."""
-    from sepnet.data.case import Case, Geometry
-
-    rng = np.random.default_rng(seed)
-    z, y, x = TINY_SHAPE
-    zz, yy, xx = np.meshgrid(np.arange(z), np.arange(y), np.arange(x), indexing="ij")
-    body = ((yy - y / 2) / (0.45 * y)) ** 2 + ((xx - x / 2) / (0.45 * x)) ** 2 < 1
-    hu = np.where(body, 40 + rng.normal(0, 15, TINY_SHAPE), -1000).astype(np.int16)
-    lab = np.zeros(TINY_SHAPE, np.uint8)
-    o = int(rng.integers(-2, 3))
-    lab[2:10, 12 + o : 20 + o, 12:20] = 1
-    hu[2:10, 12 + o : 20 + o, 12:20] += 30
-    lab[4:8, 22:26, 24 + o : 28 + o] = 2
-    hu[4:8, 22:26, 24 + o : 28 + o] = 25
-    lab[8:16, 26:30, 18:22] = 20
-    hu[8:16, 26:30, 18:22] = 10
-    lab[10:14, 8:12, 26:32] = 21
-    hu[10:14, 8:12, 26:32] = 800
-    geom = Geometry(spacing=(1.0, 1.0, 3.0), origin=(0.0, 0.0, 0.0), direction=tuple(np.eye(3).ravel()),
-                    shape=TINY_SHAPE)
-    return Case(case_id=case_id, image=hu, label=lab, geometry=geom)
-
-
-def _write_structseg(case, root: Path) -> None:
-    import SimpleITK as sitk
-
-    d = root / case.case_id
-    d.mkdir(parents=True, exist_ok=True)
-    for arr, name in ((case.image, "data.nii.gz"), (case.label, "label.nii.gz")):
-        img = sitk.GetImageFromArray(arr)
-        img.SetSpacing(tuple(float(v) for v in case.geometry.spacing))
-        img.SetOrigin(tuple(float(v) for v in case.geometry.origin))
-        img.SetDirection(tuple(float(v) for v in case.geometry.direction))
-        sitk.WriteImage(img, str(d / name), True)
-
-
-def _stub_readers() -> types.ModuleType:
-    """A StructSeg-only stand-in for ``sepnet.data.readers`` until the real module lands."""
-    import SimpleITK as sitk
-
-    from sepnet.data.case import Case, Geometry
-
-    mod = types.ModuleType("sepnet.data.readers")
-
-    class CaseRef:
-        def __init__(self, case_id: str, path: Path):
-            self.case_id, self.path = case_id, Path(path)
-            self.format = "structseg"
-            self.files = [self.path / "data.nii.gz", self.path / "label.nii.gz"]
-
-    def list_cases(dataset, *, format="auto"):
-        return [CaseRef(p.name, p) for p in sorted(Path(dataset).iterdir()) if (p / "data.nii.gz").exists()]
-
-    def read_case(ref, *, format="auto", **_):
-        arrays = []
-        for name in ("data.nii.gz", "label.nii.gz"):
-            img = sitk.ReadImage(str(ref.path / name))
-            arrays.append(sitk.GetArrayFromImage(img))
-        geom = Geometry(img.GetSpacing(), img.GetOrigin(), img.GetDirection(), tuple(arrays[0].shape))
-        return Case(ref.case_id, arrays[0].astype(np.int16), arrays[1].astype(np.uint8), geom)
-
-    mod.CaseRef, mod.list_cases, mod.read_case = CaseRef, list_cases, read_case
-    return mod
-
-
 def make_tiny_store(root: Path, *, cases: int = 4) -> Path:
     """Write ``cases`` tiny labelled cases and preprocess them (SLF1 only, no crop) into ``root/store``."""
+    from sepnet.data.phantom import make_case
+    from sepnet.data.readers import write_case
     from sepnet.data.store import preprocess
 
     dataset = root / "dataset"
-    try:
-        from sepnet.data.phantom import make_case
-
-        made = [make_case(seed=i, size="tiny", case_id=f"case{i:02d}") for i in range(cases)]
-    except ImportError:
-        made = [_synthetic_case(f"case{i:02d}", seed=i) for i in range(cases)]
-    for c in made:
-        _write_structseg(c, dataset)
-    try:
-        import sepnet.data.readers  # noqa: F401
-
-        stub = None
-    except ImportError:
-        stub = _stub_readers()
-        sys.modules["sepnet.data.readers"] = stub
-    try:
-        report = preprocess(dataset, root / "store", format="structseg", transforms=("SLF1",), crop=None,
-                            chunks=(1, 8, 64, 64), workers=1, progress=False)
-    finally:
-        if stub is not None:
-            sys.modules.pop("sepnet.data.readers", None)
+    for i in range(cases):
+        write_case(make_case(seed=i, size="tiny", case_id=f"case{i:02d}"), dataset, format="structseg")
+    report = preprocess(dataset, root / "store", format="structseg", transforms=("SLF1",), crop=None,
+                        chunks=(1, 8, 64, 64), workers=1, progress=False)
     assert report.ok, report.failed
     return root / "store"
 
