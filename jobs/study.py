@@ -68,6 +68,11 @@ class Layout:
     def jobs_file(self) -> Path:
         return self.root / "jobs.json"
 
+    @property
+    def resolved_config(self) -> Path:
+        """The study's config after --set overrides, written by `sepnet cv`; read by predict/export."""
+        return self.root / "study.yaml"
+
     def model_dir(self, fold: int, model: str) -> Path:
         return self.root / "models" / f"fold{fold}" / model
 
