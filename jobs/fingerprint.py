@@ -1,4 +1,8 @@
-"""``sepnet fingerprint STORE``: the dataset fingerprint of a Zarr store, human-readable (or --json)."""
+"""``sepnet fingerprint STORE``: the dataset fingerprint of a Zarr store, human-readable (or --json).
+
+``--verify`` checks every complete case against the checksums recorded when it was written instead;
+exit codes: 0 intact, 1 some case damaged (one line each, naming it), 2 not a store.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,32 @@ from sepnet.core.organs import ORGAN_NAMES
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", help="a store written by `sepnet preprocess` (or a study folder)")
     p.add_argument("--json", action="store_true", help="print fingerprint.json as it is")
+    p.add_argument("--verify", action="store_true",
+                   help="check every case's arrays against their recorded checksums; exit 1 if any is damaged")
+
+
+def _store_path(path: Path) -> Path:
+    """The store itself, or the store of a study folder."""
+    return path / "store" if not (path / "zarr.json").is_file() and (path / "store" / "zarr.json").is_file() else path
+
+
+def verify(path: Path) -> int:
+    from sepnet.data.store import Store
+
+    store = Store(_store_path(path))
+    ids = store.case_ids
+    damaged = store.verify_all()
+    for msg in damaged.values():
+        print(f"damaged: {msg}")
+    print(f"sepnet fingerprint --verify: {store.path}: {len(ids)} cases checked, {len(damaged)} damaged"
+          + (f" ({', '.join(sorted(damaged))})" if damaged else ""))
+    return 1 if damaged else 0
 
 
 def run(args: argparse.Namespace) -> int:
     path = Path(args.store)
+    if args.verify:
+        return verify(path)
     fp_file = next((p for p in (path / "fingerprint.json", path / "store" / "fingerprint.json") if p.is_file()), None)
     if fp_file is None:
         raise DataError(f"{path}: no fingerprint.json (is it a store written by `sepnet preprocess`?)")

@@ -1,7 +1,8 @@
 """``sepnet preprocess DATASET STORE``: convert a labelled dataset into the chunked Zarr store.
 
 Exit codes: 0 all cases stored (or skipped as up to date), 1 some cases failed (each reported on one
-line naming the file and the cause; the others are stored), 2 bad arguments/inputs.
+line naming the file and the cause; the others are stored), 2 bad arguments/inputs (including an
+output folder that cannot be created or written).
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clevel", type=int, default=3, help="compression level (default 3)")
     parser.add_argument("--workers", type=int, default=2, help="parallel processes (1 = in-process; default 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the checksums of up-to-date cases and rewrite the damaged ones")
 
 
 def run(args: argparse.Namespace) -> int:
-    from sepnet.data.store import preprocess
+    from sepnet.data.preprocess import preprocess
 
     report = preprocess(
         args.dataset,
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         clevel=args.clevel,
         workers=args.workers,
         progress=not args.no_progress,
+        verify=args.verify,
     )
     # each failure was logged (one line naming the file and the cause) as it happened
     failed = f" ({', '.join(sorted(report.failed))})" if report.failed else ""

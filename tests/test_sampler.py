@@ -9,10 +9,12 @@ from torch.utils.data import DataLoader
 
 from sepnet.core.errors import DataError
 from sepnet.data.case import Case, Geometry
+from sepnet.data.prepare import make_plan
+from sepnet.data.preprocess import init_store, store_case
 from sepnet.data.sampler import PatchDataset
-from sepnet.data.store import Store, _init_store, _Plan, _write_case
+from sepnet.data.store import Store
 
-PLAN = _Plan(("SLF1", "NLF2"), None, None, (1, 4, 16, 16), "zstd", 3)
+PLAN = make_plan(transforms=("SLF1", "NLF2"), crop=None, chunks=(1, 4, 16, 16))
 
 
 def _case(case_id: str, shape, *, seed: int) -> Case:
@@ -30,9 +32,9 @@ def _case(case_id: str, shape, *, seed: int) -> Case:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("s") / "store"
-    _init_store(path)
+    init_store(path)
     for i, shape in enumerate([(20, 40, 40), (24, 36, 44), (6, 20, 24)]):  # the last is smaller than the patch
-        _write_case(_case(f"c{i}", shape, seed=i), path / "cases" / f"c{i}", PLAN, "h")
+        store_case(_case(f"c{i}", shape, seed=i), path, PLAN, source_hash="h")
     return Store(path)
 
 

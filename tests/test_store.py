@@ -13,7 +13,9 @@ import SimpleITK as sitk
 from sepnet.core.errors import DataError
 from sepnet.core.intensity import apply_transform
 from sepnet.data.case import Case, Geometry
-from sepnet.data.store import Store, centre_crop_box, crop_like, preprocess, to_original
+from sepnet.data.grid import centre_crop_box, crop_like, to_original
+from sepnet.data.preprocess import preprocess
+from sepnet.data.store import Store
 
 SHAPE = (6, 40, 44)  # (z, y, x)
 SPACING = (0.9, 0.8, 2.5)  # (x, y, z) mm
@@ -114,18 +116,18 @@ def test_round_trip_resampled(dataset, tmp_path):
 
 def test_interrupted_run_leaves_only_complete_cases(dataset, tmp_path, monkeypatch):
     ds, cases = dataset
-    import sepnet.core.intensity as intensity
+    import zarr
 
-    real = intensity.apply_transform
+    real = zarr.Array.__setitem__
     calls = {"n": 0}
 
-    def crashing(hu, name):
+    def crashing(self, key, value):
         calls["n"] += 1
-        if calls["n"] == 4:  # second case, second channel: the case group is half written
+        if calls["n"] == 6:  # second case, its label (after its image): the case group is half written
             raise KeyboardInterrupt
-        return real(hu, name)
+        return real(self, key, value)
 
-    monkeypatch.setattr(intensity, "apply_transform", crashing)
+    monkeypatch.setattr(zarr.Array, "__setitem__", crashing)
     with pytest.raises(KeyboardInterrupt):
         preprocess(ds, tmp_path / "store", **KW)
     names = sorted(p.name for p in (tmp_path / "store" / "cases").iterdir() if p.is_dir())
@@ -136,7 +138,7 @@ def test_interrupted_run_leaves_only_complete_cases(dataset, tmp_path, monkeypat
         st.meta("case_01")
     assert st.fingerprint()["case_ids"] == ["case_00"]
 
-    monkeypatch.setattr(intensity, "apply_transform", real)
+    monkeypatch.setattr(zarr.Array, "__setitem__", real)
     rep = preprocess(ds, tmp_path / "store", **KW)
     assert rep.skipped == ["case_00"] and rep.done == ["case_01", "case_02"] and not rep.failed
     assert not [p for p in (tmp_path / "store" / "cases").iterdir() if p.name.startswith(".")]
@@ -198,7 +200,7 @@ def test_fingerprint_matches_direct_counts(dataset, tmp_path):
     assert fp["class_frequencies"]["4"] == pytest.approx(stored[4] / stored.sum())
     assert sum(fp["class_frequencies"].values()) == pytest.approx(1.0)
     plan = json.loads((tmp_path / "store" / "plan.json").read_text())
-    assert plan["crop"] == [32, 32] and plan["transforms"] == ["SLF1", "NLF1"]
+    assert plan["crop"] == [32, 32] and [t["name"] for t in plan["transforms"]] == ["SLF1", "NLF1"]
 
 
 def test_missing_store_names_path(tmp_path):

@@ -1,0 +1,423 @@
+"""``preprocess``: a labelled dataset -> the chunked Zarr store that ``sepnet.data.store.Store`` reads.
+
+Each case goes through the one case preparation (``sepnet.data.prepare.prepare_case``), is written under
+a temporary name and committed by renaming its directory (``os.replace``), so a crash never leaves a
+half-written case that :class:`Store` would accept. One writer per store. A complete case whose sources
+and plan (``Plan.key()``) are unchanged is skipped on a rerun.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sepnet.core.errors import DataError
+from sepnet.data.case import Case
+from sepnet.data.fingerprint import BODY_HU, compute_fingerprint
+from sepnet.data.prepare import STORE_VERSION, Plan, make_plan, prepare_case
+from sepnet.data.store import Store, array_checksum, read_group_attrs
+from sepnet.hpc.atomic import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+FG_PER_CLASS = 1000  # foreground voxel coordinates kept per class per case (for the sampler)
+HU_SAMPLE_PER_CASE = 10000  # body HU values kept per case for pooled percentiles
+_TMP_PREFIX = ".tmp-"
+_OLD_PREFIX = ".old-"
+
+
+@dataclass
+class PreprocessReport:
+    """Outcome of :func:`preprocess`. ``failed`` maps case id -> one-line message naming file and cause."""
+
+    store: Path
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def _codecs(codec: str, clevel: int):
+    from zarr.codecs import BloscCodec
+
+    if codec == "none":
+        return None
+    return [BloscCodec(cname=codec, clevel=int(clevel), shuffle="shuffle")]
+
+
+def _source_files(ref) -> list[Path]:
+    """Files a case is read from, for the change hash. Works with any CaseRef that names its paths."""
+    cands: list = []
+    for attr in ("sources", "paths", "files", "image", "label", "masks", "path"):
+        v = getattr(ref, attr, None)
+        if v is None:
+            continue
+        if isinstance(v, dict):
+            cands.extend(v.values())
+        elif isinstance(v, (list, tuple, set)):
+            cands.extend(v)
+        else:
+            cands.append(v)
+    files: set[Path] = set()
+    for c in cands:
+        if not isinstance(c, (str, os.PathLike)):
+            continue
+        p = Path(c)
+        if p.is_dir():
+            files.update(q for q in p.rglob("*") if q.is_file())
+        elif p.exists():
+            files.add(p)
+    return sorted(files)
+
+
+def source_hash(ref) -> str:
+    """sha1 over (path, mtime_ns, size) of the case's source files; changes when any file changes."""
+    h = hashlib.sha1()
+    files = _source_files(ref)
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.resolve()}\0{st.st_mtime_ns}\0{st.st_size}\n".encode())
+    if not files:  # nothing to stat: never consider the stored copy up to date
+        h.update(f"nofiles-{time.time_ns()}".encode())
+    return h.hexdigest()[:20]
+
+
+def _case_seed(case_id: str) -> int:
+    return int.from_bytes(hashlib.sha1(case_id.encode()).digest()[:8], "little")
+
+
+def _fg_coords(label: np.ndarray, *, case_id: str, per_class: int = FG_PER_CLASS) -> np.ndarray:
+    """(N, 4) int32 rows (class, z, y, x): a deterministic random subset of each organ's voxels."""
+    rng = np.random.default_rng(_case_seed(case_id))
+    rows = []
+    flat = label.ravel()
+    order = np.argsort(flat, kind="stable")
+    counts = np.bincount(flat, minlength=256)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    for c in np.flatnonzero(counts):
+        if c == 0:
+            continue
+        idx = order[starts[c] : starts[c + 1]]
+        if idx.size > per_class:
+            idx = np.sort(rng.choice(idx, size=per_class, replace=False))
+        zyx = np.stack(np.unravel_index(idx, label.shape), axis=1)
+        rows.append(np.concatenate([np.full((idx.size, 1), c), zyx], axis=1))
+    if not rows:
+        return np.zeros((0, 4), dtype=np.int32)
+    return np.concatenate(rows).astype(np.int32)
+
+
+def _case_stats(case: Case, stored_label: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Per-case fingerprint entries (JSON-able) and a body HU sample (int16) for pooled percentiles."""
+    geom = case.geometry
+    voxel_mm3 = float(np.prod(geom.spacing))
+    hu = case.image
+    body = hu[hu > BODY_HU]
+    rng = np.random.default_rng(_case_seed(case.case_id) + 1)
+    sample = body if body.size <= HU_SAMPLE_PER_CASE else rng.choice(body, HU_SAMPLE_PER_CASE, replace=False)
+    b64 = body.astype(np.float64)
+    counts = np.bincount(case.label.ravel(), minlength=23) if case.label is not None else np.zeros(23, int)
+    stored = np.bincount(stored_label.ravel(), minlength=23)
+    stats = {
+        "shape": list(map(int, geom.shape)),
+        "spacing_zyx": list(geom.spacing_zyx),
+        "body_voxels": int(body.size),
+        "hu_sum": float(b64.sum()),
+        "hu_sumsq": float((b64 * b64).sum()),
+        "hu_percentiles": (
+            {str(q): float(v) for q, v in zip((0.5, 50, 99.5), np.percentile(body, (0.5, 50, 99.5)))}
+            if body.size
+            else {}
+        ),
+        "voxels": {str(c): int(n) for c, n in enumerate(counts) if n and c > 0},
+        "volume_cm3": {str(c): float(n) * voxel_mm3 / 1000.0 for c, n in enumerate(counts) if n and c > 0},
+        "stored_voxels": {str(c): int(n) for c, n in enumerate(stored) if n},
+    }
+    return stats, np.asarray(sample, dtype=np.int16)
+
+
+
+def _write_arrays(g, prepared, plan: Plan, fg: np.ndarray, hu_sample: np.ndarray) -> dict:
+    """Write the case's arrays into group ``g``; return their checksums (as the reader will decode them)."""
+    image = prepared.image.astype(plan.dtype)  # exact: prepare_case already rounded through plan.dtype
+    lab = prepared.label
+    chunks = tuple(min(c, s) for c, s in zip(plan.chunks, image.shape))
+    comp = _codecs(plan.codec, plan.clevel)
+    g.create_array("image", shape=image.shape, dtype=plan.dtype, chunks=chunks, compressors=comp,
+                   fill_value=0)[...] = image
+    g.create_array("label", shape=lab.shape, dtype="uint8", chunks=chunks[1:], compressors=comp,
+                   fill_value=0)[...] = lab
+    g.create_array("fg_coords", shape=fg.shape, dtype="int32", chunks=(max(1, fg.shape[0]), 4),
+                   fill_value=0)[...] = fg
+    g.create_array("hu_sample", shape=hu_sample.shape, dtype="int16", chunks=(max(1, hu_sample.size),),
+                   fill_value=0)[...] = hu_sample
+    return {
+        "algorithm": "sha256 of the C-order bytes of the decoded array",
+        "image": [array_checksum(c) for c in image],
+        "label": array_checksum(lab),
+        "fg_coords": array_checksum(fg),
+        "hu_sample": array_checksum(hu_sample),
+    }
+
+
+def _commit(tmp: Path, case_dir: Path, case_id: str) -> None:
+    """Move any previous version aside, rename the new one in, then drop the old one."""
+    old = None
+    if case_dir.exists():
+        old = case_dir.parent / f"{_OLD_PREFIX}{case_id}-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(case_dir, old)
+    os.replace(tmp, case_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def store_case(case: Case, store: str | os.PathLike, plan: Plan, *, source_hash: str = "") -> Path:
+    """Prepare one labelled case with ``plan`` and write it into the store folder ``store`` (made by
+    :func:`init_store`) under a temporary name, then commit it by rename. Returns the case folder.
+
+    Raises DataError for a case without a label or with mismatching image/label shapes.
+    """
+    import zarr
+
+    if case.label is None:
+        raise DataError(f"{case.case_id}: no label; the store holds labelled training cases only")
+    prepared = prepare_case(case.image, case.geometry, plan, label=case.label, case_id=case.case_id)
+    stats, hu_sample = _case_stats(case, prepared.label)
+    fg = _fg_coords(prepared.label, case_id=case.case_id)
+    case_dir = Path(store) / "cases" / case.case_id
+    tmp = case_dir.parent / f"{_TMP_PREFIX}{case.case_id}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        g = zarr.open_group(tmp, mode="w")
+        _write_group(g, case, prepared, plan, fg, hu_sample, stats, source_hash=source_hash)
+        _commit(tmp, case_dir, case.case_id)
+    except OSError as exc:  # e.g. a full disk: free what was written, report the case and the cause
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{case.case_id}: cannot write to the store {store}: {exc.strerror or exc}") from None
+    return case_dir
+
+
+def _write_group(g, case: Case, prepared, plan: Plan, fg, hu_sample, stats, *, source_hash: str) -> None:
+    """Arrays, then attrs (metadata, fingerprint stats, checksums), then ``complete`` last."""
+    meta = prepared.meta
+    checksums = _write_arrays(g, prepared, plan, fg, hu_sample)
+    g.attrs.update({
+        "case_id": case.case_id,
+        "channels": list(plan.channels),
+        "geometry": meta.geometry.to_dict(),
+        "grid": meta.grid.to_dict(),
+        "crop_box": [list(b) for b in meta.crop_box],
+        "spacing_zyx": list(meta.spacing_zyx),
+        "original_shape": list(map(int, meta.original_shape)),
+        "stored_shape": list(map(int, meta.stored_shape)),
+        "annotated": [int(a) for a in case.annotated],
+        "sources": [str(s) for s in case.sources],
+        "source_hash": source_hash,
+        "plan_hash": plan.key(),
+        "stats": stats,
+        "checksums": checksums,
+    })
+    g.attrs["complete"] = True  # written last: only a fully written group carries it
+
+
+def _process_one(ref, fmt: str, store_path: str, plan: Plan, src_hash: str) -> tuple[str, str, str]:
+    """Worker entry (top level, spawn-safe). Returns (case_id, "done"|"failed", message)."""
+    from sepnet.data import readers
+
+    case_id = str(ref.case_id)
+    try:
+        case = readers.read_case(ref, format=fmt, require_label=True)
+        store_case(case, store_path, plan, source_hash=src_hash)
+    except DataError as exc:
+        return case_id, "failed", str(exc)
+    except Exception as exc:  # a reader bug or an unforeseen file problem: report, keep the others going
+        log.debug("case %s failed:\n%s", case_id, traceback.format_exc())
+        return case_id, "failed", f"{', '.join(map(str, _source_files(ref))) or case_id}: {type(exc).__name__}: {exc}"
+    return case_id, "done", ""
+
+
+def init_store(path: str | os.PathLike) -> Path:
+    """Create (or reopen) the store folder ``path``; remove leftovers of a crashed writer. Returns the path.
+
+    Raises DataError when ``path`` is not a folder that can hold a store (a file, below a file, not
+    writable, or another Zarr group).
+    """
+    import zarr
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{path}: store path exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot create the store folder: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DataError(f"{path}: store folder is not writable")
+    root_attrs = read_group_attrs(path)
+    if (path / "zarr.json").is_file():
+        if root_attrs is None or "sepnet_store" not in root_attrs:
+            raise DataError(f"{path}: a Zarr group but not a sepnet store; choose another folder")
+    root = zarr.open_group(path, mode="a")
+    if root.attrs.get("sepnet_store") != STORE_VERSION:  # older cases are rewritten: their plan key differs
+        root.attrs["sepnet_store"] = STORE_VERSION
+    (path / "cases").mkdir(exist_ok=True)
+    if not (path / "cases" / "zarr.json").is_file():
+        zarr.open_group(path / "cases", mode="a")
+    # Leftovers of a crashed run (one writer per store, so nobody else owns them).
+    for d in (path / "cases").iterdir():
+        if d.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
+            shutil.rmtree(d, ignore_errors=True)
+    return path
+
+
+def _plan_md(plan: Plan, n_cases: int) -> str:
+    tf = "".join(
+        f"  - {t.name}: HU {list(t.hu_breakpoints)} -> {list(t.values)}\n" for t in plan.transforms
+    )
+    return (
+        "# sepnet preprocessing plan\n\n"
+        f"- cases: {n_cases}; plan key {plan.key()} (store version {STORE_VERSION})\n"
+        f"- transforms (image channels, piecewise linear, clamped):\n{tf}"
+        f"- in-plane centre crop (y, x): {list(plan.crop) if plan.crop else 'none'}"
+        " (smaller axes kept whole; the sampler pads)\n"
+        f"- resampling to (z, y, x) mm: {list(plan.spacing_zyx) if plan.spacing_zyx else 'none (original spacing)'}"
+        f" (HU linear with fill {plan.fill_hu:g} HU outside the image, labels nearest)\n"
+        f"- chunks (channel, z, y, x): {list(plan.chunks)}; codec: {plan.codec} (clevel {plan.clevel}, byte shuffle)\n"
+        f"- image {plan.dtype} in [0, 1] (0 = air), label uint8\n"
+    )
+
+
+def _up_to_date(store: Path, cid: str, src_hash: str, plan: Plan, *, verify: bool) -> bool:
+    attrs = read_group_attrs(store / "cases" / cid)
+    if not (attrs and attrs.get("complete") is True and attrs.get("source_hash") == src_hash
+            and attrs.get("plan_hash") == plan.key()):
+        return False
+    if verify:
+        try:
+            Store(store).verify(cid)
+        except DataError as exc:
+            log.warning("preprocess: rewriting damaged case: %s", exc)
+            return False
+    return True
+
+
+def _write_file(path: Path, write) -> None:
+    """``write(path)`` with an OSError (full disk, permissions) turned into a one-line DataError."""
+    try:
+        write(path)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
+def _run_cases(todo: list, *, fmt: str, store: Path, plan: Plan, workers: int, collect) -> None:
+    """Process ``todo`` [(ref, source_hash)] serially or in ``workers`` spawned processes."""
+    if workers <= 1 or len(todo) <= 1:
+        for ref, h in todo:
+            collect(_process_one(ref, fmt, str(store), plan, h))
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as ex:
+        futs = [ex.submit(_process_one, ref, fmt, str(store), plan, h) for ref, h in todo]
+        for f in cf.as_completed(futs):
+            collect(f.result())
+
+
+def preprocess(
+    dataset: str | os.PathLike,
+    store: str | os.PathLike,
+    *,
+    format: str = "auto",
+    transforms: Sequence[str] = ("SLF1", "SLF2", "SLF3"),
+    crop: Sequence[int] | None = (256, 256),
+    spacing: Sequence[float] | None = None,
+    chunks: Sequence[int] = (1, 16, 128, 128),
+    codec: str = "zstd",
+    clevel: int = 3,
+    workers: int = 2,
+    progress: bool = True,
+    verify: bool = False,
+) -> PreprocessReport:
+    """Convert a labelled dataset into a Zarr store (layout: ``sepnet.data.store``).
+
+    Args:
+        dataset: dataset folder (any format ``sepnet.data.readers`` knows).
+        store: output folder; created if missing; complete, unchanged cases are skipped.
+        transforms: intensity presets, one channel each (plan dtype, float16).
+        crop: in-plane (y, x) centre crop in voxels of the (resampled) grid; None = off.
+        spacing: target (z, y, x) voxel spacing in mm; None = keep the original grid.
+        chunks: (channel, z, y, x) chunk shape; codec: zstd | lz4 (Blosc, byte shuffle) | none.
+        workers: processes (spawn); 1 = in this process.
+        verify: check the checksums of cases that would be skipped and rewrite the damaged ones.
+
+    Returns:
+        PreprocessReport; a case whose reading fails is listed in ``failed`` and skipped.
+
+    Raises:
+        ConfigError: a bad option. DataError: the dataset or the store folder is unusable.
+    """
+    from sepnet.data import readers
+
+    t0 = time.perf_counter()
+    plan = make_plan(transforms=transforms, crop=crop, spacing_zyx=spacing, chunks=chunks, codec=codec,
+                     clevel=clevel)
+    store = init_store(store)
+    refs = readers.list_cases(dataset, format=format)
+    report = PreprocessReport(store=store)
+    todo = []
+    for ref in refs:
+        cid = str(ref.case_id)
+        if not cid or cid.startswith(".") or "/" in cid or "\\" in cid:
+            report.failed[cid] = f"{dataset}: case id {cid!r} is not a valid folder name"
+            continue
+        h = source_hash(ref)
+        if _up_to_date(store, cid, h, plan, verify=verify):
+            report.skipped.append(cid)
+        else:
+            todo.append((ref, h))
+    _write_file(store / "plan.json", lambda p: atomic_write_json(p, plan.to_dict()))
+    _write_file(store / "plan.md", lambda p: atomic_write_text(p, _plan_md(plan, len(refs))))
+
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="preprocess", unit="case")
+
+    def _collect(res: tuple[str, str, str]) -> None:
+        cid, status, msg = res
+        if status == "done":
+            report.done.append(cid)
+        else:
+            report.failed[cid] = msg
+            log.warning("preprocess: failed case %s: %s", cid, msg)  # one line per bad case
+        if bar is not None:
+            bar.update(1)
+
+    try:
+        _run_cases(todo, fmt=format, store=store, plan=plan, workers=workers, collect=_collect)
+    finally:
+        if bar is not None:
+            bar.close()
+        # The fingerprint always describes what is complete now (also after an interrupted run).
+        fp = compute_fingerprint(Store(store))
+        _write_file(store / "fingerprint.json", lambda p: atomic_write_json(p, fp))
+    report.done.sort()
+    report.skipped.sort()
+    report.seconds = time.perf_counter() - t0
+    return report
