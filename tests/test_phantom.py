@@ -1,4 +1,4 @@
-"""Tests of the procedural head-and-neck phantom against the StructSeg statistics of method-notes section 9."""
+"""Tests of the procedural head-and-neck phantom against the StructSeg statistics (docs/conventions.md, "Phantom")."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sepnet.jobs.cli import main as cli_main
 
 N_SMALL = 3
 
-# StructSeg 2019 means (method-notes section 9)
+# StructSeg 2019 means (docs/conventions.md, "Phantom")
 VOLUME_CM3 = {
     "Lens_L": 0.27,
     "Lens_R": 0.27,
@@ -186,3 +186,25 @@ def test_cli_writes_readable_structseg(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert cli_main(["phantom", str(blocker / "sub"), "--cases", "1", "--size", "tiny"]) == 2
+
+
+def test_temporal_lobes_are_brain_tissue_inside_the_skull(small_cases):
+    # the lobes are label-only and clipped to the brain: their voxels carry brain HU (WM 26, GM 40, CSF 8,
+    # +-10 per case), never the skull (>= 650) or the air of the sinuses
+    for c in small_cases:
+        for name in ("Temporal_Lobes_L", "Temporal_Lobes_R"):
+            v = c.image[c.label == NAME_TO_ID[name]].astype(np.float64)
+            assert 5.0 <= np.median(v) <= 45.0, (name, np.median(v))
+            assert -60.0 <= np.percentile(v, 1) and np.percentile(v, 99) <= 150.0, (name, np.percentile(v, [1, 99]))
+
+
+def test_couch_lies_posterior_to_the_head(small_cases):
+    # foam cushion (-900 HU) then a couch plate (-350 HU core, 350 HU skins), all behind (+y of) the labels
+    for c in small_cases:
+        last_labelled_row = int(np.nonzero((c.label > 0).any(axis=(0, 2)))[0].max())
+        rows = np.median(c.image[:, last_labelled_row + 1 :, 40:88], axis=(0, 2))  # per y row, central columns
+        foam = np.nonzero(np.abs(rows + 900.0) <= 20.0)[0]
+        plate = np.nonzero(np.abs(rows + 350.0) <= 20.0)[0]
+        assert foam.size >= 3 and foam.max() - foam.min() == foam.size - 1, rows  # one contiguous cushion
+        plate = plate[plate > foam.max()]
+        assert plate.size >= 2 and plate.max() - foam.max() <= 8, rows  # the 10 mm plate right behind it
