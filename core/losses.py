@@ -18,6 +18,15 @@ Conventions (choices where the paper is silent):
   never inf).
 * ``ath_exp_log``: like ``exp_log`` but the Dice term sees ``p^w = p * exp((p - g) / alpha)`` (ATH,
   differentiable, not detached); the CE term is the plain one (unweighted by ATH), as in the reference code.
+
+Partial labels (``annotated``, a (B, C) bool mask of the classes each case's dataset annotates; background
+is always annotated): a **marginal** loss (Shi et al. 2021; Fang & Yan 2020). For case b the probabilities
+of its un-annotated classes U_b are merged into background, ``p'_0 = p_0 + sum_{c in U_b} p_c`` (in log
+space: a logsumexp), and U_b leaves that case's Dice sums; the target may not contain a class of U_b. So a
+voxel labelled background in a case without eyes may be background *or* eye, and predicting an eye there
+costs nothing. A class annotated in no case of the batch is left out of the Dice mean. The loss of one case
+equals the plain loss on its reduced problem (classes {0 merged} + its annotated ones), and with every
+class annotated it equals the plain loss exactly.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ _TINY = 1e-12  # floor for the bases of fractional powers: keeps d/dx x^g finite
 
 
 def _prepare(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated float32 logits and int64 target."""
     if logits.dim() < 3:
         raise ValueError(f"logits must be (B, C, ...spatial), got shape {tuple(logits.shape)}")
     if target.shape != logits.shape[:1] + logits.shape[2:]:
@@ -42,6 +52,48 @@ def _prepare(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, 
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= c):
         raise ValueError(f"target ids must lie in [0, {c}), got range [{int(target.min())}, {int(target.max())}]")
     return logits.float(), target.long()
+
+
+def _annotated_mask(annotated, target: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """(B, C) bool mask with background forced True, or None when every class is annotated."""
+    if annotated is None:
+        return None
+    m = torch.as_tensor(annotated, dtype=torch.bool, device=target.device)
+    if m.shape != (target.shape[0], num_classes):
+        raise ValueError(f"annotated must be (B, C) = {(target.shape[0], num_classes)}, got {tuple(m.shape)}")
+    m = m.clone()
+    m[:, 0] = True
+    if bool(m.all()):
+        return None
+    hit = torch.zeros_like(m)
+    hit.scatter_(1, target.reshape(target.shape[0], -1), True)
+    if bool((hit & ~m).any()):
+        b, c = map(int, torch.nonzero(hit & ~m)[0])
+        raise ValueError(f"target of case {b} contains class {c}, which annotated marks as not annotated")
+    return m
+
+
+def _marginal_log_softmax(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """log p' (B, C, ...): log-softmax with each case's un-annotated classes merged into background
+    (their entries -inf, i.e. p' = 0); the plain log-softmax when ``mask`` is None."""
+    logp = torch.log_softmax(logits, dim=1)
+    if mask is None:
+        return logp
+    shape = (*mask.shape, *([1] * (logits.dim() - 2)))
+    unann = (~mask).view(shape)
+    into_bg = unann.clone()
+    into_bg[:, 0] = True
+    merged = torch.logsumexp(logp.masked_fill(~into_bg, float("-inf")), dim=1)  # background is finite
+    out = logp.masked_fill(unann, float("-inf"))
+    return torch.cat([merged.unsqueeze(1), out[:, 1:]], dim=1)
+
+
+def _class_mean(per_class: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over classes, leaving out those annotated in no case of the batch."""
+    if mask is None:
+        return per_class.mean()
+    used = mask.any(0)
+    return per_class[used].mean()
 
 
 def _one_hot(target: torch.Tensor, num_classes: int, like: torch.Tensor) -> torch.Tensor:
@@ -87,12 +139,14 @@ class DiceLoss(nn.Module):
             raise ValueError(f"eps must be > 0, got {eps}")
         self.eps = float(eps)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, *, annotated=None) -> torch.Tensor:
+        """Scalar loss; ``annotated`` (B, C) bool or None (all annotated): see the module docstring."""
         with torch.autocast(device_type=logits.device.type, enabled=False):
             logits, target = _prepare(logits, target)
-            prob = torch.softmax(logits, dim=1)
+            mask = _annotated_mask(annotated, target, logits.shape[1])
+            prob = _marginal_log_softmax(logits, mask).exp()
             onehot = _one_hot(target, logits.shape[1], prob)
-            return 1.0 - soft_dice_per_class(prob, onehot, eps=self.eps).mean()
+            return 1.0 - _class_mean(soft_dice_per_class(prob, onehot, eps=self.eps), mask)
 
 
 class ExpLogLoss(nn.Module):
@@ -128,17 +182,19 @@ class ExpLogLoss(nn.Module):
         self.eps = float(eps)
         self.alpha = None if alpha is None else float(alpha)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, *, annotated=None) -> torch.Tensor:
+        """Scalar loss; ``annotated`` (B, C) bool or None (all annotated): see the module docstring."""
         with torch.autocast(device_type=logits.device.type, enabled=False):
             logits, target = _prepare(logits, target)
             c = logits.shape[1]
-            logp = torch.log_softmax(logits, dim=1)
+            mask = _annotated_mask(annotated, target, c)
+            logp = _marginal_log_softmax(logits, mask)
             prob = logp.exp()
             onehot = _one_hot(target, c, prob)
             if self.alpha is not None:
                 # ATH: p^w = p * exp((p - g) / alpha); p - g in [-1, 1] so exp never overflows
                 prob = prob * torch.exp((prob - onehot) / self.alpha)
-            dice_term = _pow(_neg_log_dice(prob, onehot, self.eps), self.gamma_dsc).mean()
+            dice_term = _class_mean(_pow(_neg_log_dice(prob, onehot, self.eps), self.gamma_dsc), mask)
             nll = (-logp.gather(1, target.unsqueeze(1)).squeeze(1)).clamp_min(0.0)
             w = class_weights(target, c).to(nll.device)[target]
             ce_term = (w * _pow(nll, self.gamma_ce)).mean()

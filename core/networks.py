@@ -7,15 +7,17 @@ Topologies (b = ``base``; IN = non-affine InstanceNorm3d; all convs have bias):
 
 * ``sepnet``: Block(cin -> cout) = [1x3x3 -> IN -> ReLU] -> [3x1x1 -> IN -> ReLU] -> [1x3x3 -> IN -> ReLU]
   -> [1x3x3 -> IN -> ReLU], plus a 1x1x1 conv of the block input added to that output, then IN -> ReLU.
-  Encoder 1->2b | pool | 2b->2b | pool | 2b->4b | pool | bottleneck 4b->8b, 8b->4b (dropout 0.5 after each
-  bottleneck block); decoder (trilinear x2 upsampling, concat skip): 8b->4b->2b | 4b->2b->2b | 4b->2b->2b;
+  Encoder 1->2b | pool | 2b->2b | pool | 2b->4b | pool | bottleneck 4b->8b, 8b->4b, then one Dropout(0.5)
+  (the reference code's ``conv5 -> dropout``); decoder (trilinear x2 upsampling, concat skip):
+  8b->4b->2b | 4b->2b->2b | 4b->2b->2b;
   head Dropout3d(0.1) -> 1x1x1 conv. b=24, 1 -> 23 classes: **2,505,527** parameters.
 * ``sepnet_se``: ``sepnet`` with squeeze-excitation (GAP -> FC C->C/2 -> ReLU -> FC C/2->C -> sigmoid,
   FCs without bias) on the output of every block: **2,586,167** (the count in method-notes §3; SE FCs
   with bias would give 2,587,391, so the reference's "SepNet-SE" has bias-free FCs).
 * ``unet3d``: per level two [3x3x3 -> IN -> ReLU] units: 1->b->2b | 2b->2b->4b | 4b->4b->8b |
-  bottleneck 8b->8b->16b; decoder (upsample, concat skip) 24b->8b->8b | 12b->4b->4b | 6b->2b->2b;
-  same head: **9,179,207**.
+  bottleneck 8b->8b->16b, then one Dropout(0.5) (as the reference U-Net); decoder (upsample, concat skip)
+  24b->8b->8b | 12b->4b->4b | 6b->2b->2b; same head: **9,179,207**. The paper's "48 base channels" for
+  the baselines is b = 24 here (first level 2b = 48 wide); b = 48 gives 36.7 M parameters.
 * ``unet3d_res``: each unit becomes ReLU(IN(conv3x3x3(x) + conv1x1x1(x))): **9,520,823**.
 * ``unet3d_se``: ``unet3d`` with the same bias-free SE after each level's pair of units (7 blocks):
   **9,423,431**.
@@ -50,7 +52,6 @@ from torch import nn
 
 NETWORKS: tuple[str, ...] = ("sepnet", "sepnet_se", "unet3d", "unet3d_res", "unet3d_se")
 _AXES = {"z": 2, "y": 3, "x": 4}
-_ONE_D_NATIVE = True  # see AxisConv3d.forward
 
 
 class AxisConv3d(nn.Conv3d):
@@ -89,7 +90,7 @@ class AxisConv3d(nn.Conv3d):
             out = F.conv2d(x.reshape(b, c, z, y * xx), w.reshape(cout, c, 1, 1), self.bias)
             return out.reshape(b, cout, z, y, xx)
         if len(big) == 1:
-            if _ONE_D_NATIVE and x.is_contiguous(memory_format=torch.channels_last_3d):
+            if x.is_contiguous(memory_format=torch.channels_last_3d):
                 # oneDNN's channels-last conv3d handles 3x1x1 faster than the (3, 1) conv2d view (measured)
                 return super().forward(x)
             d = big[0] + 2  # tensor dim of the 1-D kernel
@@ -268,8 +269,8 @@ class SepNet(_EncDec):
             return SepBlock(cin, cout, axis=separable_axis, se=se, fast=fast)
 
         enc = [blk(in_channels, 2 * b), blk(2 * b, 2 * b), blk(2 * b, 4 * b)]
-        # dropout 0.5 after each bottleneck block (element-wise, as the reference code's bottleneck)
-        bottleneck = [blk(4 * b, 8 * b), nn.Dropout(0.5), blk(8 * b, 4 * b), nn.Dropout(0.5)]
+        # one element-wise Dropout(0.5) after the second bottleneck block, as the reference code
+        bottleneck = [blk(4 * b, 8 * b), blk(8 * b, 4 * b), nn.Dropout(0.5)]
         dec = [
             nn.Sequential(blk(8 * b, 4 * b), blk(4 * b, 2 * b)),
             nn.Sequential(blk(4 * b, 2 * b), blk(2 * b, 2 * b)),
@@ -298,7 +299,7 @@ class UNet3D(_EncDec):
             return UnetBlock(cin, cmid, cout, residual=residual, se=se, fast=fast)
 
         enc = [blk(in_channels, b, 2 * b), blk(2 * b, 2 * b, 4 * b), blk(4 * b, 4 * b, 8 * b)]
-        bottleneck = [blk(8 * b, 8 * b, 16 * b)]
+        bottleneck = [blk(8 * b, 8 * b, 16 * b), nn.Dropout(0.5)]  # as the reference U-Net
         dec = [blk(24 * b, 8 * b, 8 * b), blk(12 * b, 4 * b, 4 * b), blk(6 * b, 2 * b, 2 * b)]
         super().__init__(enc, bottleneck, dec, 2 * b, num_classes, fast)
 
@@ -319,7 +320,7 @@ def build(
         name: "sepnet", "sepnet_se", "unet3d", "unet3d_res" or "unet3d_se".
         in_channels: input channels (number of intensity transforms stacked).
         num_classes: output classes incl. background (23 for StructSeg).
-        base: b in the channel plan (paper/code: 24 for SepNet; the paper's baselines used 48).
+        base: b in the channel plan (24: the paper's SepNet, and its baselines' "48 base channels" = 2b).
         separable_axis: SepNet's inter-slice axis, "z" (default), "y" or "x"; ignored by the U-Nets.
         fast: use the conv2d view path of :class:`AxisConv3d` (same weights, same outputs); off by default
             because plain conv3d measured as fast or faster on CPU (module docstring).

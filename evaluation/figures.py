@@ -1,6 +1,6 @@
 """PNG figure writers (matplotlib, Agg backend): overlays, uncertainty maps, Fig. 12 and Fig. 13 analogues.
 
-Every writer saves atomically (``name.tmp-<pid>.png`` then ``os.replace``) and returns the path.
+Every writer saves atomically (:func:`sepnet.hpc.atomic.atomic_write`) and returns the path.
 Slices are shown in radiological convention for LPS arrays: axial with anterior up and the patient's
 left on the image right; coronal and sagittal with superior up. Pixel aspect comes from the spacing.
 """
@@ -19,23 +19,17 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from sepnet.core.organs import ORGAN_NAMES  # noqa: E402
+from sepnet.hpc.atomic import atomic_write  # noqa: E402
 
 # HU window used when the image looks like HU (soft tissue + bone readable): level 150, width 1300
 HU_WINDOW = (-500.0, 800.0)
 
 
 def _save(fig, out_png: str | os.PathLike) -> Path:
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.stem}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, out)
+        return atomic_write(out_png, lambda fh: fig.savefig(fh, format="png", dpi=110, bbox_inches="tight"))
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
-    return out
 
 
 def _organ_colour(organ: int):

@@ -397,7 +397,10 @@ def metrics_table(
         as nnU-Net's summaries). The summary has, for dice/hd95/assd: ``<m>_mean`` (unweighted mean of the
         organ means), ``<m>_weighted`` (importance-weighted mean of the organ means,
         :func:`sepnet.core.organs.weighted_mean`), and ``<m>_weighted_case_mean/std`` (the weighted score
-        of each case, then mean +- std over cases), plus ``cases``.
+        of each case, then mean +- std over cases), plus ``cases`` and ``missed``: the number of (case, organ)
+        pairs flagged ``pred_empty`` (organ in the reference, prediction empty). Without ``hd_penalty_mm``
+        they are not in any HD95/ASSD mean, so show ``missed`` beside every HD mean: a missed lens next to
+        organs scored 0 mm (``both_empty``) would otherwise read as a weighted HD95 of 0.0 mm.
     """
     penalty = None if hd_penalty_mm is None else float(hd_penalty_mm)
 
@@ -433,7 +436,8 @@ def metrics_table(
             row[f"n_{flag.value}"] = sum(m.flag == flag for m in ms)
         rows.append(row)
 
-    summary: dict = {"cases": len(results_by_case)}
+    summary: dict = {"cases": len(results_by_case),
+                     "missed": sum(m.flag == Flag.PRED_EMPTY for ms in results_by_case.values() for m in ms)}
     for key in ("dice", "hd95", "assd"):
         means = organ_means[key]
         summary[f"{key}_mean"] = _stats(list(means.values()))[0]

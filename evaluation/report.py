@@ -10,8 +10,13 @@ Conventions:
 - Averages: each case's score is computed first (StructSeg-weighted mean over organs with
   :func:`sepnet.core.organs.weighted_mean`, the unweighted mean, or the mean over
   :data:`sepnet.core.organs.SMALL_ORGANS`), then mean +- std over cases, like the paper's "Average" rows.
-- Non-finite HD95 (an empty mask; see evaluation/metrics) is left out of means and counted.
-- Claims compare models on the (fold, case) pairs they share, so folds one model lacks do not bias it.
+- Non-finite HD95 (an empty mask; see evaluation/metrics) is left out of means and counted; beside every
+  HD mean the report gives the number of missed organs (flag ``pred_empty``: the reference has the
+  organ, the prediction is empty), so a missed lens never hides behind a small mean.
+- Claims compare models on the (fold, case) pairs they share, so folds one model lacks do not bias it, and
+  are decided by paired tests (:mod:`sepnet.evaluation.significance`): held / not held / inconclusive.
+- A model whose ModelInfo has ``postprocessed=True`` (e.g. "ensemble+pp": keep-largest-component applied,
+  :mod:`sepnet.core.postprocess`) is shown as its own column and never enters a claim.
 """
 
 from __future__ import annotations
@@ -30,12 +35,30 @@ import numpy as np
 
 from sepnet.core.organs import ORGAN_IDS, ORGAN_NAMES, SMALL_ORGANS, weighted_mean
 from sepnet.evaluation import figures
+from sepnet.evaluation.significance import (
+    ALPHA,
+    HELD,
+    INCONCLUSIVE,
+    NOT_HELD,
+    PairedTest,
+    combine,
+    min_cases,
+    paired_test,
+)
 from sepnet.evaluation.uncertainty import UncertaintyCounts, error_rate_trend, vvc_dice_fit, vvc_dice_table
+from sepnet.hpc.atomic import atomic_write_bytes, atomic_write_text
 
 KINDS = ("member", "baseline", "ensemble")
 UNET_VARIANTS = ("unet3d", "unet3d_res", "unet3d_se")
 NETWORK_LABELS = {"sepnet": "3D-SepNet", "unet3d": "3D-UNet", "unet3d_res": "3D-UNet-Res", "unet3d_se": "3D-UNet-SE"}
 LOSS_LABELS = {"ath_exp_log": "ATH-L_Exp", "exp_log": "L_Exp", "dice": "Dice loss"}
+MISSED = "pred_empty"  # the metrics module's flag for an organ present in the reference, predicted empty
+# Smallest effects a claim needs (below them it is inconclusive): mean paired DSC difference (0.5 points),
+# mean paired error-rate difference (1 point), and |Pearson r| of VVC against DSC.
+MIN_DICE_EFFECT = 0.005
+MIN_ERROR_RATE_EFFECT = 0.01
+MIN_VVC_R = 0.3
+MIN_UNCERTAIN_VOXELS = 100  # pooled-count fallback of claim 5
 
 
 @dataclass
@@ -54,6 +77,7 @@ class ModelInfo:
     alpha: float | None = None
     params: int | None = None
     train_seconds: dict[int, float] = field(default_factory=dict)
+    postprocessed: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -89,7 +113,8 @@ class VVCRow:
 @dataclass
 class StudyResults:
     """Everything the report shows. ``models`` keeps column order (members, baselines, ensemble are
-    re-grouped in that order). ``uncertainty`` is the fold-pooled Fig. 12 counts of the ensemble."""
+    re-grouped in that order). ``uncertainty`` is the fold-pooled Fig. 12 counts of the ensemble;
+    ``uncertainty_cases`` the same counts per (fold, case_id), which claim 5's paired test uses."""
 
     study: str
     folds: list[int]
@@ -98,6 +123,7 @@ class StudyResults:
     uncertainty: UncertaintyCounts | None = None
     vvc: list[VVCRow] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)  # shown as "key: value" lines in the header
+    uncertainty_cases: dict[tuple[int, str], UncertaintyCounts] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.per_case = [r if isinstance(r, CaseMetricRow) else _row_from_dict(CaseMetricRow, r) for r in self.per_case]
@@ -160,6 +186,12 @@ class _Index:
         found = {o for cases in self.by.values() for organs in cases.values() for o in organs}
         return [o for o in ORGAN_IDS if o in found] + sorted(found - set(ORGAN_IDS))
 
+    def missed(self, model: str, organs: Iterable[int] | None = None) -> int:
+        """Number of (case, organ) rows of ``model`` flagged missed, over ``organs`` (None = all)."""
+        keep = None if organs is None else set(organs)
+        return sum(1 for c in self.by.get(model, {}).values() for o, r in c.items()
+                   if r.flag == MISSED and (keep is None or o in keep))
+
     def organ_stat(self, model: str, organ: int, metric: str) -> Stat:
         vals = [getattr(c[organ], metric) for c in self.by.get(model, {}).values() if organ in c]
         return Stat.of(vals)
@@ -183,14 +215,14 @@ def _average(vals: dict[int, float], how: str) -> float:
 
 
 AVERAGES = (("weighted", "Weighted average (StructSeg)"), ("mean", "Average"), ("small", "Small organs"))
+_AVERAGE_ORGANS = {"weighted": tuple(ORGAN_NAMES), "mean": None, "small": SMALL_ORGANS}
 
 
-def _paired(idx: _Index, a: str, b: str, how: str, metric: str = "dice") -> tuple[float, float, int]:
+def _paired(idx: _Index, a: str, b: str, how: str, metric: str = "dice") -> tuple[np.ndarray, np.ndarray]:
+    """Case scores of ``a`` and ``b`` on the (fold, case) pairs where both are finite, in the same order."""
     sa, sb = idx.case_scores(a, metric, how), idx.case_scores(b, metric, how)
-    keys = [k for k in sa if k in sb and math.isfinite(sa[k]) and math.isfinite(sb[k])]
-    if not keys:
-        return float("nan"), float("nan"), 0
-    return float(np.mean([sa[k] for k in keys])), float(np.mean([sb[k] for k in keys])), len(keys)
+    keys = sorted(k for k in sa if k in sb and math.isfinite(sa[k]) and math.isfinite(sb[k]))
+    return np.asarray([sa[k] for k in keys], float), np.asarray([sb[k] for k in keys], float)
 
 
 # --------------------------------------------------------------------------- claims
@@ -199,7 +231,7 @@ def _paired(idx: _Index, a: str, b: str, how: str, metric: str = "dice") -> tupl
 class Claim:
     id: int
     title: str
-    status: str  # "held" | "not held" | "not measured"
+    status: str  # "held" | "not held" | "inconclusive" | "not measured"
     detail: str
     numbers: list[dict] = field(default_factory=list)
 
@@ -216,6 +248,21 @@ def _model_label(m: ModelInfo) -> str:
     return " / ".join(parts)
 
 
+def _dice_comparison(idx: _Index, a: str, b: str, how: str, group: str = "") -> dict:
+    """Paired test of "a has a higher case DSC than b" (``how`` average) as a numbers entry."""
+    sa, sb = _paired(idx, a, b, how)
+    t = paired_test(sa, sb, min_effect=MIN_DICE_EFFECT)
+    return {"group": group, "model": a, "other": b, "dice": float(sa.mean()) if sa.size else float("nan"),
+            "other_dice": float(sb.mean()) if sb.size else float("nan"), "cases": t.n, "status": t.status,
+            "holds": t.status == HELD, **asdict(t)}
+
+
+def _describe(x: dict, metric: str) -> str:
+    t = {k: x[k] for k in ("status", "n", "effect", "ci_low", "ci_high", "p", "min_effect", "min_n", "reason")}
+    return (f"{x['model']} {_pct(x['dice'])} vs {x['other']} {_pct(x['other_dice'])} ({metric}; "
+            f"{PairedTest(**t).describe()}): {x['status']}")
+
+
 def _compare_claim(
     cid: int,
     title: str,
@@ -225,37 +272,22 @@ def _compare_claim(
     how: str,
     needs: str,
 ) -> Claim:
-    """pairs: (winner-candidate, other, group description). Held iff the candidate's paired mean Dice is
-    higher in every comparison with data."""
-    numbers = []
-    for a, b, group in pairs:
-        ma, mb, n = _paired(idx, a, b, how)
-        if n:
-            numbers.append({"group": group, "model": a, "other": b, "dice": ma, "other_dice": mb, "cases": n,
-                            "holds": bool(ma > mb)})
+    """pairs: (winner-candidate, other, group description); each decided by a paired test on the case
+    scores, the claim by :func:`sepnet.evaluation.significance.combine`."""
+    numbers = [x for x in (_dice_comparison(idx, a, b, how, group) for a, b, group in pairs) if x["cases"]]
     if not numbers:
         return Claim(cid, title, "not measured", f"not measured (needs {needs} in the config)")
-    held = all(x["holds"] for x in numbers)
     metric = {"mean": "mean DSC", "weighted": "weighted DSC", "small": "small-organ DSC"}[how]
-    detail = "; ".join(
-        f"{x['model']} {_pct(x['dice'])} vs {x['other']} {_pct(x['other_dice'])} ({metric}, {x['cases']} cases)"
-        for x in numbers
-    )
-    return Claim(cid, title, "held" if held else "not held", detail, numbers)
+    detail = "; ".join(_describe(x, metric) for x in numbers)
+    return Claim(cid, title, combine([x["status"] for x in numbers]), detail, numbers)
 
 
 def _first(names: list[str], models: dict[str, ModelInfo], pred: Callable[[ModelInfo], bool]) -> str | None:
     return next((n for n in names if pred(models[n])), None)
 
 
-def evaluate_claims(results: StudyResults) -> list[Claim]:
-    """The paper's six claims, each held / not held / not measured on this study's data."""
-    idx = _Index(results.per_case)
-    models = results.models
-    single = [n for n in _ordered_models(results) if models[n].kind != "ensemble" and n in idx.by]
-    claims = []
-
-    # (1) SLF vs NLF: same network + loss (+ alpha); the SLF1 model (paper's choice) else the first SLF.
+def _claim_transform(idx: _Index, models: dict[str, ModelInfo], single: list[str]) -> Claim:
+    """(1) SLF vs NLF: same network + loss (+ alpha); the SLF1 model (paper's choice) else the first SLF."""
     pairs = []
     groups: dict[tuple, list[str]] = {}
     for n in single:
@@ -267,12 +299,14 @@ def evaluate_claims(results: StudyResults) -> list[Claim]:
         for other in names:
             if ref and (models[other].transform or "").startswith("NLF"):
                 pairs.append((ref, other, f"{net}/{loss}" + (f"(α={alpha:g})" if alpha is not None else "")))
-    claims.append(_compare_claim(1, "SLF intensity transform beats NLF windows (same network and loss)", idx,
-                                 pairs, how="mean", needs="an SLF and an NLF model with the same network and loss"))
+    return _compare_claim(1, "SLF intensity transform beats NLF windows (same network and loss)", idx,
+                          pairs, how="mean", needs="an SLF and an NLF model with the same network and loss")
 
-    # (2) ATH-L_Exp vs L_Exp: same network + transform; the alpha=0.5 ATH model (paper's Table 1) else the first.
+
+def _claim_loss(idx: _Index, models: dict[str, ModelInfo], single: list[str]) -> Claim:
+    """(2) ATH-L_Exp vs L_Exp: same network + transform; the alpha=0.5 ATH model (Table 1) else the first."""
     pairs = []
-    groups = {}
+    groups: dict[tuple, list[str]] = {}
     for n in single:
         groups.setdefault((models[n].network, models[n].transform), []).append(n)
     for (net, tr), names in groups.items():
@@ -281,12 +315,14 @@ def evaluate_claims(results: StudyResults) -> list[Claim]:
         for other in names:
             if ref and models[other].loss == "exp_log":
                 pairs.append((ref, other, f"{net}/{tr}"))
-    claims.append(_compare_claim(2, "ATH-L_Exp beats L_Exp (same network and transform)", idx, pairs, how="mean",
-                                 needs="an ath_exp_log and an exp_log model with the same network and transform"))
+    return _compare_claim(2, "ATH-L_Exp beats L_Exp (same network and transform)", idx, pairs, how="mean",
+                          needs="an ath_exp_log and an exp_log model with the same network and transform")
 
-    # (3) SepNet vs 3D-UNet variants on small organs: same transform + loss (+ alpha).
+
+def _claim_network(idx: _Index, models: dict[str, ModelInfo], single: list[str]) -> Claim:
+    """(3) SepNet vs each 3D-UNet variant on the small organs: same transform + loss (+ alpha)."""
     pairs = []
-    groups = {}
+    groups: dict[tuple, list[str]] = {}
     for n in single:
         m = models[n]
         groups.setdefault((m.transform, m.loss, m.alpha if m.loss == "ath_exp_log" else None), []).append(n)
@@ -295,70 +331,126 @@ def evaluate_claims(results: StudyResults) -> list[Claim]:
         for other in names:
             if sep and models[other].network in UNET_VARIANTS:
                 pairs.append((sep, other, f"{tr}/{loss}"))
-    claims.append(_compare_claim(3, "3D-SepNet beats 3D-UNet variants on small organs", idx, pairs, how="small",
-                                 needs="a sepnet and a unet3d (or _res/_se) model with the same transform and loss"))
+    return _compare_claim(3, "3D-SepNet beats 3D-UNet variants on small organs", idx, pairs, how="small",
+                          needs="a sepnet and a unet3d (or _res/_se) model with the same transform and loss")
 
-    # (4) ensemble vs the best single member (weighted DSC), best chosen on the shared test cases.
-    ens = [n for n in _ordered_models(results) if models[n].kind == "ensemble" and n in idx.by]
+
+def _claim_ensemble(idx: _Index, results: StudyResults, single: list[str]) -> Claim:
+    """(4) The (not postprocessed) ensemble beats every member (weighted DSC): each by a paired test."""
+    title = "The ensemble beats the best single member (weighted DSC)"
+    models = results.models
+    ens = [n for n in _ordered_models(results) if models[n].kind == "ensemble" and n in idx.by
+           and not models[n].postprocessed]
     members = [n for n in single if models[n].kind == "member"]
-    if ens and members:
-        e = ens[0]
-        comps = [(m, *_paired(idx, e, m, "weighted")) for m in members]
-        comps = [c for c in comps if c[3]]
-        if comps:
-            best = max(comps, key=lambda c: c[2])
-            held = all(c[1] > c[2] for c in comps)
-            claims.append(Claim(4, "The ensemble beats the best single member (weighted DSC)",
-                                "held" if held else "not held",
-                                f"{e} {_pct(best[1])} vs best member {best[0]} {_pct(best[2])} "
-                                f"(weighted DSC, {best[3]} cases)",
-                                [{"model": e, "other": m, "dice": a, "other_dice": b, "cases": n, "holds": bool(a > b)}
-                                 for m, a, b, n in comps]))
-    if len(claims) < 4:
-        claims.append(Claim(4, "The ensemble beats the best single member (weighted DSC)", "not measured",
-                            "not measured (needs an ensemble of at least one member in the config, evaluated)"))
+    comps = [_dice_comparison(idx, ens[0], m, "weighted") for m in members] if ens else []
+    comps = [c for c in comps if c["cases"]]
+    if not comps:
+        return Claim(4, title, "not measured",
+                     "not measured (needs an ensemble of at least one member in the config, evaluated)")
+    best = max(comps, key=lambda c: c["other_dice"])
+    others = [c for c in comps if c is not best]
+    detail = "best member: " + _describe(best, "weighted DSC")
+    if others:
+        detail += f"; vs the other {len(others)} member(s): " + ", ".join(f"{c['other']} {c['status']}" for c in others)
+    return Claim(4, title, combine([c["status"] for c in comps]), detail, comps)
 
-    # (5) error rate grows with the uncertainty level.
-    title5 = "Voxel error rate increases with the vote-entropy level"
+
+def _claim_error_rate(results: StudyResults) -> Claim:
+    """(5) Error rate at vote entropy > 0 above the rate at 0: paired over cases (per-case counts) or,
+    with pooled counts only, a chi-square test on the 2x2 table (voxels treated as independent)."""
+    title = "Voxel error rate increases with the vote-entropy level"
     u = results.uncertainty
     trends = [error_rate_trend(u, region=r) for r in ("whole", "background", "organs")] if u is not None else []
-    if trends and trends[0]["increases"] is not None:
-        t = trends[0]
-        detail = "; ".join(
-            f"{x['region']}: {_pct(x['rate_certain'])} at entropy 0 vs {_pct(x['rate_uncertain'])} above, "
-            f"Spearman {x['spearman']:.2f} over {x['levels_used']} levels"
-            for x in trends if x["increases"] is not None
-        )
-        claims.append(Claim(5, title5, "held" if t["increases"] else "not held", detail, trends))
+    trend_txt = "; ".join(
+        f"{x['region']}: {_pct(x['rate_certain'])} at entropy 0 vs {_pct(x['rate_uncertain'])} above, "
+        f"Spearman {x['spearman']:.2f} over {x['levels_used']} levels"
+        for x in trends if x["increases"] is not None)
+    if results.uncertainty_cases:
+        certain, uncertain = [], []
+        for c in results.uncertainty_cases.values():
+            v, e = c.voxels["whole"], c.errors["whole"]
+            if v[0] > 0 and v[1:].sum() > 0:
+                certain.append(e[0] / v[0])
+                uncertain.append(e[1:].sum() / v[1:].sum())
+        t = paired_test(uncertain, certain, min_effect=MIN_ERROR_RATE_EFFECT)
+        detail = f"per-case error rate above entropy 0 minus at 0: {t.describe()}"
+        return Claim(5, title, t.status, detail + (f"; pooled {trend_txt}" if trend_txt else ""),
+                     [{"test": "wilcoxon_per_case", **asdict(t)}, *trends])
+    if u is None:
+        return Claim(5, title, "not measured",
+                     "not measured (needs ensemble uncertainty counts: an ensemble of >= 2 members evaluated)")
+    v, e = u.voxels["whole"], u.errors["whole"]
+    vu, eu, v0, e0 = int(v[1:].sum()), int(e[1:].sum()), int(v[0]), int(e[0])
+    effect = (eu / vu if vu else float("nan")) - (e0 / v0 if v0 else float("nan"))
+    num = {"test": "chi2_pooled", "uncertain_voxels": vu, "effect": effect, "p": float("nan")}
+    if vu < MIN_UNCERTAIN_VOXELS or not v0:
+        status, why = INCONCLUSIVE, f"{vu} voxels above entropy 0 < {MIN_UNCERTAIN_VOXELS} needed"
     else:
-        claims.append(Claim(5, title5, "not measured",
-                            "not measured (needs ensemble uncertainty counts: an ensemble of >= 2 members evaluated)"))
+        from scipy.stats import chi2_contingency
 
-    # (6) VVC negatively correlated with Dice across organs.
-    title6 = "Structure uncertainty (VVC) is negatively correlated with DSC"
+        table = [[e0, v0 - e0], [eu, vu - eu]]
+        num["p"] = p = float(chi2_contingency(table)[1]) if min(e0 + eu, v0 + vu - e0 - eu) > 0 else 1.0
+        if abs(effect) < MIN_ERROR_RATE_EFFECT:
+            status, why = INCONCLUSIVE, f"|effect| below the minimum {MIN_ERROR_RATE_EFFECT:g}"
+        elif not p < ALPHA:
+            status, why = INCONCLUSIVE, f"p >= {ALPHA:g}"
+        else:
+            status, why = (HELD if effect > 0 else NOT_HELD), ""
+    detail = (f"pooled voxels (no per-case counts; voxels are not independent, so p is optimistic): "
+              f"{100 * effect:+.2f} pts" + (f", p={num['p']:.2g}" if math.isfinite(num["p"]) else "")
+              + (f" ({why})" if why else "") + (f"; {trend_txt}" if trend_txt else ""))
+    return Claim(5, title, status, detail, [num, *trends])
+
+
+def _claim_vvc(results: StudyResults) -> Claim:
+    """(6) VVC negatively correlated with DSC across organs (Fig. 13): Pearson r with its p."""
+    title = "Structure uncertainty (VVC) is negatively correlated with DSC"
     table = vvc_dice_table(results.vvc) if results.vvc else []
     fit = vvc_dice_fit(table) if table else None
-    if fit is not None and fit.n >= 3 and math.isfinite(fit.r):
-        # "held" needs a negative correlation that is also significant (p < 0.05), not just a sign
-        claims.append(Claim(6, title6, "held" if fit.r < 0 and fit.p < 0.05 else "not held",
-                            f"Pearson r = {fit.r:.2f} (p = {fit.p:.3g}), slope {100 * fit.slope:.1f} "
-                            f"DSC-% per unit VVC, over {fit.n} organs", [asdict(fit)]))
+    if fit is None or fit.n < 3 or not math.isfinite(fit.r):
+        return Claim(6, title, "not measured",
+                     "not measured (needs ensemble VVC rows for at least 3 organs with varying values)")
+    if abs(fit.r) < MIN_VVC_R:
+        status, why = INCONCLUSIVE, f"|r| below the minimum {MIN_VVC_R:g}"
+    elif not fit.p < ALPHA:
+        status, why = INCONCLUSIVE, f"p >= {ALPHA:g}"
     else:
-        claims.append(Claim(6, title6, "not measured",
-                            "not measured (needs ensemble VVC rows for at least 3 organs with varying values)"))
-    return claims
+        status, why = (HELD if fit.r < 0 else NOT_HELD), ""
+    return Claim(6, title, status, f"Pearson r = {fit.r:.2f} (p = {fit.p:.3g}), slope {100 * fit.slope:.1f} "
+                 f"DSC-% per unit VVC, over {fit.n} organs" + (f" ({why})" if why else ""), [asdict(fit)])
+
+
+def evaluate_claims(results: StudyResults) -> list[Claim]:
+    """The paper's six claims, each held / not held / inconclusive / not measured on this study's data."""
+    idx = _Index(results.per_case)
+    models = results.models
+    single = [n for n in _ordered_models(results)
+              if models[n].kind != "ensemble" and not models[n].postprocessed and n in idx.by]
+    return [
+        _claim_transform(idx, models, single),
+        _claim_loss(idx, models, single),
+        _claim_network(idx, models, single),
+        _claim_ensemble(idx, results, single),
+        _claim_error_rate(results),
+        _claim_vvc(results),
+    ]
+
+
+STATISTICS_NOTE = (
+    f"Claims 1-4: paired Wilcoxon signed-rank test (two-sided) of the case scores the two models share, with "
+    f"a seeded bootstrap 95% CI of the mean difference; held/not held needs p < {ALPHA:g}, at least "
+    f"{min_cases(ALPHA)} cases and a mean difference of at least {100 * MIN_DICE_EFFECT:g} DSC points, "
+    f"otherwise inconclusive; a claim over several comparisons holds only if each holds. Claim 5: the same "
+    f"test on each case's error rate above vs at entropy 0 (minimum {100 * MIN_ERROR_RATE_EFFECT:g} percentage "
+    f"point). "
+    f"Claim 6: Pearson r across organs, p < {ALPHA:g} and |r| >= {MIN_VVC_R:g}."
+)
 
 
 # --------------------------------------------------------------------------- writing
 
 def _atomic_write(path: Path, data: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8", "newline": ""})) as f:
-        f.write(data)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, data) if isinstance(data, bytes) else atomic_write_text(path, data)
 
 
 def _csv_text(header: list[str], rows: Iterable[Iterable]) -> str:
@@ -385,12 +477,13 @@ def _clean(obj):
     return obj
 
 
-def _fmt(s: Stat, metric: str) -> str:
+def _fmt(s: Stat, metric: str, *, missed: int = 0, bold: bool = False) -> str:
+    """A table cell; distance cells carry the number of missed organs behind their mean."""
+    tail = f" ({missed} missed)" if missed and metric != "dice" else ""
     if s.n == 0:
-        return "–"
-    if metric == "dice":
-        return f"{100 * s.mean:.1f} ± {100 * s.std:.1f}"
-    return f"{s.mean:.2f} ± {s.std:.2f}"
+        return "–" + tail
+    text = f"{100 * s.mean:.1f} ± {100 * s.std:.1f}" if metric == "dice" else f"{s.mean:.2f} ± {s.std:.2f}"
+    return (f"**{text}**" if bold else text) + tail
 
 
 def _md_row(cells: list[str]) -> str:
@@ -400,7 +493,7 @@ def _md_row(cells: list[str]) -> str:
 def _metric_table(results: StudyResults, idx: _Index, names: list[str], metric: str) -> tuple[str, list[list]]:
     """Markdown table (organs x models, best per row bold) and long-format CSV rows."""
     higher_better = metric == "dice"
-    unit = "DSC (mean ± std %) ↑" if metric == "dice" else "95%HD (mean ± std mm) ↓"
+    unit = "DSC (mean ± std %) ↑" if metric == "dice" else "95%HD (mean ± std mm; missed organs) ↓"
     lines = [_md_row([unit, *names]), _md_row(["---"] + [":---:"] * len(names))]
     for label, attr in (("*Network*", "network"), ("*Transform*", "transform"), ("*Loss*", "loss")):
         cells = []
@@ -413,28 +506,31 @@ def _metric_table(results: StudyResults, idx: _Index, names: list[str], metric: 
             if attr == "network":
                 v = NETWORK_LABELS.get(v, v)
             if attr == "loss":
-                v = LOSS_LABELS.get(v, v) + (f" (α={m.alpha:g})" if v and m.loss == "ath_exp_log" and m.alpha else "")
+                v = LOSS_LABELS.get(v, v or "") + (f" (α={m.alpha:g})" if v and m.loss == "ath_exp_log" and m.alpha
+                                                   else "")
             cells.append(f"*{v}*" if v else "")
         lines.append(_md_row([label, *cells]))
     csv_rows = []
 
-    def emit(label: str, stats: list[Stat], key: str) -> None:
+    def emit(label: str, stats: list[Stat], key: str, organs: Iterable[int] | None) -> None:
         # compare at display precision so models that look tied are all bold
         digits = 1 if metric == "dice" else 2
         means = [round((100 if metric == "dice" else 1) * s.mean, digits) if s.n else np.nan for s in stats]
         finite = [v for v in means if math.isfinite(v)]
         best = (max(finite) if higher_better else min(finite)) if len(finite) >= 2 else None
-        cells = [f"**{_fmt(s, metric)}**" if best is not None and v == best else _fmt(s, metric)
-                 for s, v in zip(stats, means)]
+        missed = [idx.missed(n, organs) for n in names]
+        cells = [_fmt(s, metric, missed=k, bold=best is not None and v == best)
+                 for s, v, k in zip(stats, means, missed)]
         lines.append(_md_row([label, *cells]))
-        for n, s in zip(names, stats):
-            csv_rows.append([n, key, label.strip("*"), s.mean, s.std, s.n, s.missing])
+        for n, s, k in zip(names, stats, missed):
+            csv_rows.append([n, key, label.strip("*"), s.mean, s.std, s.n, s.missing, k])
 
     for organ in idx.organs():
         emit(ORGAN_NAMES.get(organ, str(organ)).replace("_", " "),
-             [idx.organ_stat(n, organ, metric) for n in names], str(organ))
+             [idx.organ_stat(n, organ, metric) for n in names], str(organ), [organ])
     for how, label in AVERAGES:
-        emit(f"**{label}**", [Stat.of(idx.case_scores(n, metric, how).values()) for n in names], how)
+        emit(f"**{label}**", [Stat.of(idx.case_scores(n, metric, how).values()) for n in names], how,
+             _AVERAGE_ORGANS[how])
     return "\n".join(lines), csv_rows
 
 
@@ -464,6 +560,9 @@ def write_report(results: StudyResults, out_dir: str | os.PathLike) -> Path:
             metric: {how: asdict(Stat.of(idx.case_scores(n, metric, how).values())) for how, _ in AVERAGES}
             for metric in ("dice", "hd95", "assd")
         }
+        for metric in ("hd95", "assd"):  # organs whose distance is undefined because they were missed
+            for how, _ in AVERAGES:
+                summary[n][metric][how]["missed"] = idx.missed(n, _AVERAGE_ORGANS[how])
     md: list[str] = [f"# Study report: {results.study}", ""]
     md.append(f"Folds: {', '.join(map(str, results.folds)) or '–'}. "
               f"Test cases: {len({(r.fold, r.case_id) for r in results.per_case})}. Models: {len(names)}.")
@@ -471,9 +570,11 @@ def write_report(results: StudyResults, out_dir: str | os.PathLike) -> Path:
         md.append(f"- {k}: {v}")
     md += ["", "## Claims of the paper on this data", "", _md_row(["#", "claim", "status", "numbers"]),
            _md_row(["---", "---", "---", "---"])]
-    icon = {"held": "✅ held", "not held": "❌ not held", "not measured": "➖ not measured"}
+    icon = {HELD: "✅ held", NOT_HELD: "❌ not held", INCONCLUSIVE: "❔ inconclusive",
+            "not measured": "➖ not measured"}
     for c in claims:
         md.append(_md_row([str(c.id), c.title, icon[c.status], c.detail.replace("|", "/")]))
+    md += ["", STATISTICS_NOTE]
 
     # per-organ tables
     tables = {}
@@ -488,7 +589,12 @@ def write_report(results: StudyResults, out_dir: str | os.PathLike) -> Path:
     missing = sum(1 for r in results.per_case if not math.isfinite(float(r.hd95)))
     if missing:
         md.append(f"{missing} (model, case, organ) rows have no finite HD95 (an empty or not annotated mask) "
-                  "and are left out of the HD95 means.")
+                  "and are left out of the HD95 means; \"k missed\" beside an HD mean counts the organs "
+                  "(case, organ pairs) that model missed entirely (empty prediction, organ in the reference).")
+    pp = [n for n in names if results.models[n].postprocessed]
+    if pp:
+        md.append(", ".join(pp) + ": keep-largest-connected-component postprocessing applied to the organs "
+                  "chosen on the validation cases (not part of any claim).")
     flags: dict[str, int] = {}
     for r in results.per_case:
         if r.flag and r.flag != "ok":
@@ -571,7 +677,7 @@ def write_report(results: StudyResults, out_dir: str | os.PathLike) -> Path:
         ["fold", "model", "case_id", "organ_id", "organ", "dice", "hd95", "assd", "flag"],
         [[r.fold, r.model, r.case_id, r.organ_id, ORGAN_NAMES.get(r.organ_id, ""), r.dice, r.hd95, r.assd, r.flag]
          for r in results.per_case]))
-    header = ["model", "organ_id", "organ", "mean", "std", "n", "missing"]
+    header = ["model", "organ_id", "organ", "mean", "std", "n", "missing", "missed"]
     _atomic_write(out / "dice_table.csv", _csv_text(header, tables["dice"]))
     _atomic_write(out / "hd95_table.csv", _csv_text(header, tables["hd95"]))
     _atomic_write(out / "models.csv", _csv_text(
@@ -585,6 +691,9 @@ def write_report(results: StudyResults, out_dir: str | os.PathLike) -> Path:
         "summary": summary,
         "per_organ": {metric: [dict(zip(header, r)) for r in rows] for metric, rows in tables.items()},
         "claims": [asdict(c) for c in claims],
+        "claims_statistics": {"alpha": ALPHA, "min_cases": min_cases(ALPHA), "min_dice_effect": MIN_DICE_EFFECT,
+                              "min_error_rate_effect": MIN_ERROR_RATE_EFFECT, "min_vvc_r": MIN_VVC_R,
+                              "min_uncertain_voxels_pooled": MIN_UNCERTAIN_VOXELS},
         "uncertainty": unc_json,
         "vvc": vvc_json,
         "figures": [p.name for p in pngs],

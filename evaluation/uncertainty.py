@@ -160,6 +160,30 @@ def pool(counts: Iterable[UncertaintyCounts]) -> UncertaintyCounts | None:
     return out
 
 
+def counts_to_json(per_case: dict[str, UncertaintyCounts]) -> dict:
+    """The fold's ``uncertainty.json``: the pooled counts (:meth:`UncertaintyCounts.to_dict`) plus
+    ``"per_case": {case_id: {"voxels": ..., "errors": ...}}``; ``{}`` when there are no cases."""
+    pooled = pool(per_case.values())
+    if pooled is None:
+        return {}
+    cases = {}
+    for case, c in per_case.items():
+        d = c.to_dict()
+        cases[str(case)] = {"voxels": d["voxels"], "errors": d["errors"]}
+    return {**pooled.to_dict(), "per_case": cases}
+
+
+def counts_from_json(d: dict) -> tuple[UncertaintyCounts | None, dict[str, UncertaintyCounts]]:
+    """(pooled counts or None, case_id -> counts) from :func:`counts_to_json` output; files without
+    ``per_case`` give an empty dict."""
+    if not d:
+        return None, {}
+    n = int(d["n_members"])
+    cases = {str(k): UncertaintyCounts(n, dict(v["voxels"]), dict(v["errors"]))
+             for k, v in (d.get("per_case") or {}).items()}
+    return UncertaintyCounts.from_dict(d), cases
+
+
 def error_rate_trend(counts: UncertaintyCounts, *, region: str = "whole", min_voxels: int = 1) -> dict:
     """Does the error rate grow with the uncertainty level? (the paper's Fig. 12 a-c reading)
 

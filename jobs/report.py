@@ -3,6 +3,11 @@
 Reads ``<root>/eval/fold<F>/{done.json, metrics.csv, vvc.csv, uncertainty.json}``, builds a
 :class:`sepnet.evaluation.report.StudyResults`, writes ``<root>/report/`` and logs it as artifacts
 of the study's parent MLflow run.
+
+``metrics.csv`` rows of a model named ``<model>+pp`` (e.g. ``ensemble+pp``: keep-largest-component
+postprocessing applied) become their own report column. ``uncertainty.json`` is
+:func:`sepnet.evaluation.uncertainty.counts_to_json` output; when it has per-case counts, claim 5 is
+decided by a paired test over cases.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +28,7 @@ log = logging.getLogger("sepnet.report")
 
 def collect_results(cfg: StudyConfig, fold_ids: list[int]):
     from sepnet.evaluation.report import ModelInfo, StudyResults
-    from sepnet.evaluation.uncertainty import UncertaintyCounts, pool
+    from sepnet.evaluation.uncertainty import counts_from_json, pool
 
     layout = Layout(Path(cfg.root))
     models: dict[str, ModelInfo] = {}
@@ -32,6 +38,7 @@ def collect_results(cfg: StudyConfig, fold_ids: list[int]):
                                    alpha=m.alpha if m.loss == "ath_exp_log" else None)
     models["ensemble"] = ModelInfo(name="ensemble", kind="ensemble", network="sepnet")
     per_case: list[dict] = []
+    per_case_counts: dict = {}  # (fold, case_id) -> UncertaintyCounts
     vvc_rows: list[dict] = []
     counts = []
     folds_done = []
@@ -48,13 +55,20 @@ def collect_results(cfg: StudyConfig, fold_ids: list[int]):
                 if info.get("train_seconds") is not None:
                     models[name].train_seconds[f] = float(info["train_seconds"])
         with open(d / "metrics.csv", newline="") as fh:
-            per_case += [r for r in csv.DictReader(fh) if r["model"] in models]
+            rows = list(csv.DictReader(fh))
+        for name in sorted({r["model"] for r in rows}):
+            base = name.removesuffix("+pp")
+            if name != base and base in models and name not in models:
+                models[name] = replace(models[base], name=name, postprocessed=True, train_seconds={})
+        per_case += [r for r in rows if r["model"] in models]
         if (d / "vvc.csv").is_file():
             with open(d / "vvc.csv", newline="") as fh:
                 vvc_rows += list(csv.DictReader(fh))
         unc = json.loads((d / "uncertainty.json").read_text()) if (d / "uncertainty.json").is_file() else {}
-        if unc:
-            counts.append(UncertaintyCounts.from_dict(unc))
+        pooled, cases = counts_from_json(unc)
+        if pooled is not None:
+            counts.append(pooled)
+        per_case_counts.update({(f, case): c for case, c in cases.items()})
     members = [m for m in cfg.members]
     if members:
         models["ensemble"].params = sum(models[m.name].params or 0 for m in members) or None
@@ -66,7 +80,7 @@ def collect_results(cfg: StudyConfig, fold_ids: list[int]):
                     f"batch {cfg.training.batch_size}, patch {cfg.training.patch}, base {cfg.training.base}",
     }
     return StudyResults(study=cfg.name, folds=folds_done, models=models, per_case=per_case,
-                        uncertainty=pool(counts), vvc=vvc_rows, meta=meta)
+                        uncertainty=pool(counts), vvc=vvc_rows, meta=meta, uncertainty_cases=per_case_counts)
 
 
 class ReportTask:

@@ -163,3 +163,87 @@ def test_errors():
         ExpLogLoss()(logits, target + 1)
     with pytest.raises(ValueError, match="alpha"):
         build_loss("ath_exp_log", alpha=0.0)
+
+
+# ------------------------------------------------------------------ partial labels (marginal loss)
+
+def _partial_case(seed=0, c=5):
+    g = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(1, c, 4, 6, 6, generator=g)
+    target = torch.randint(0, 3, (1, 4, 6, 6), generator=g)  # classes 0..2 annotated; 3, 4 are not
+    annotated = torch.tensor([[True, True, True, False, False]])
+    return logits, target, annotated
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_marginal_loss_equals_the_plain_loss_of_the_reduced_problem(name):
+    """Independent truth: merge the un-annotated classes into background by hand (logsumexp of logits)."""
+    logits, target, annotated = _partial_case()
+    loss = build_loss(name, alpha=0.5)
+    reduced = torch.cat([torch.logsumexp(logits[:, [0, 3, 4]], dim=1, keepdim=True), logits[:, 1:3]], dim=1)
+    assert loss(logits, target, annotated=annotated).item() == pytest.approx(loss(reduced, target).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_marginal_loss_ignores_how_unannotated_mass_splits_from_background(name):
+    logits, target, annotated = _partial_case(seed=1)
+    loss = build_loss(name, alpha=1.0)
+    base = loss(logits, target, annotated=annotated)
+    # new logits for the un-annotated classes 3, 4 and background, with the same merged logsumexp
+    g = torch.Generator().manual_seed(7)
+    other = logits.clone()
+    other[:, 3:] = logits[:, 3:] + 4 * torch.randn(logits[:, 3:].shape, generator=g)
+    merged = torch.logsumexp(logits[:, [0, 3, 4]], dim=1)
+    rest = torch.logsumexp(other[:, 3:], dim=1)
+    # choose the background logit so that logsumexp(l0, l3, l4) is unchanged (needs merged > rest)
+    other[:, 3:] -= (rest - merged + 1.0).clamp_min(0).unsqueeze(1)
+    rest = torch.logsumexp(other[:, 3:], dim=1)
+    other[:, 0] = merged + torch.log1p(-torch.exp(rest - merged))
+    assert torch.allclose(torch.logsumexp(other[:, [0, 3, 4]], dim=1), merged, atol=1e-5)
+    assert not torch.allclose(other, logits)
+    assert loss(other, target, annotated=annotated).item() == pytest.approx(base.item(), rel=1e-4)
+    # the plain loss does see the change: it trains classes 3 and 4 as background
+    assert loss(other, target).item() != pytest.approx(loss(logits, target).item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_all_annotated_equals_the_plain_loss_and_gradients_are_finite(name):
+    logits, target, _ = _partial_case(seed=2)
+    loss = build_loss(name)
+    full = torch.ones(1, 5, dtype=torch.bool)
+    assert loss(logits, target, annotated=full).item() == loss(logits, target).item()
+    x = logits.clone().requires_grad_(True)
+    loss(x, target, annotated=torch.tensor([[True, True, True, False, False]])).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_mixed_batch_each_case_by_its_own_annotation():
+    """Case 0 annotates everything, case 1 lacks classes 3, 4: case 1's un-annotated logits do not matter,
+    and a class that no case annotates leaves the Dice mean (same as dropping it from the problem)."""
+    g = torch.Generator().manual_seed(3)
+    logits = 2 * torch.randn(2, 5, 4, 4, 4, generator=g)
+    target = torch.randint(0, 5, (2, 4, 4, 4), generator=g)
+    target[1][target[1] >= 3] = 0
+    ann = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    loss = build_loss("exp_log")
+    a = loss(logits, target, annotated=ann)
+    moved = logits.clone()
+    moved[1, 3:] -= 50.0  # un-annotated mass of case 1 moved into its background
+    moved[1, 0] = torch.logsumexp(logits[1, [0, 3, 4]], dim=0)
+    assert loss(moved, target, annotated=ann).item() == pytest.approx(a.item(), rel=1e-4)
+    # class 4 annotated nowhere and absent: same as the 4-class problem without it
+    t2 = target.clone()
+    t2[t2 == 4] = 0
+    ann2 = torch.tensor([[True, True, True, True, False]] * 2)
+    reduced = torch.cat([torch.logsumexp(logits[:, [0, 4]], dim=1, keepdim=True), logits[:, 1:4]], dim=1)
+    assert loss(logits, t2, annotated=ann2).item() == pytest.approx(loss(reduced, t2).item(), rel=1e-5)
+
+
+def test_annotated_errors():
+    logits, target, annotated = _partial_case()
+    loss = build_loss("dice")
+    with pytest.raises(ValueError, match=r"annotated must be \(B, C\)"):
+        loss(logits, target, annotated=annotated[:, :3])
+    target[0, 0, 0, 0] = 4
+    with pytest.raises(ValueError, match="contains class 4"):
+        loss(logits, target, annotated=annotated)

@@ -280,6 +280,18 @@ def test_metrics_table_weighted_by_hand():
     )
 
 
+def test_metrics_table_counts_missed_organs_beside_the_hd_mean():
+    # the lens is missed and the brain stem absent in both: the weighted HD95 is 0.0 mm only because the
+    # missed lens is not in it, so the summary says one organ was missed
+    nan = float("nan")
+    t = metrics_table({"a": [om(4, 0.0, nan, Flag.PRED_EMPTY), om(1, 1.0, 0.0, Flag.BOTH_EMPTY)]})
+    s = t["summary"]
+    assert s["hd95_weighted"] == 0.0 and s["missed"] == 1
+    both = metrics_table({"a": [om(4, 0.0, nan, Flag.PRED_EMPTY)], "b": [om(4, 0.0, nan, Flag.PRED_EMPTY),
+                                                                          om(2, 0.0, nan, Flag.REF_EMPTY)]})
+    assert both["summary"]["missed"] == 2  # ref_empty is a false positive, not a miss
+
+
 def test_to_rows_flat_and_flag_strings():
     rows = to_rows({"c1": [om(1, 0.5, 2.0), om(2, 0.0, float("nan"), Flag.REF_EMPTY)]})
     assert [r["case"] for r in rows] == ["c1", "c1"]

@@ -153,3 +153,29 @@ def test_build_errors():
         build("vnet", in_channels=1, num_classes=2)
     with pytest.raises(ValueError, match="separable_axis"):
         build("sepnet", in_channels=1, num_classes=2, separable_axis="t")
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_one_bottleneck_dropout_as_the_reference_code(name):
+    """Reference code: SepNet conv5 -> Dropout(0.5); the U-Net one Dropout(0.5) after its bottleneck."""
+    model = build(name, in_channels=1, num_classes=3, base=4, seed=0)
+    half = [m for m in model.modules() if type(m) is nn.Dropout]
+    assert [m.p for m in half] == [0.5]
+    head = [m for m in model.modules() if type(m) is nn.Dropout3d]
+    assert [m.p for m in head] == [0.1]
+    # it acts on the output of the last bottleneck block, and only in training mode
+    seen = {}
+    blocks = [m for m in model.bottleneck if type(m) is not nn.Dropout]
+    blocks[-1].register_forward_hook(lambda _m, _i, out: seen.__setitem__("block", out.detach().clone()))
+    half[0].register_forward_hook(lambda _m, inp, out: seen.update(inp=inp[0].detach(), out=out.detach()))
+    x = torch.rand(1, 1, 16, 32, 32)
+    model.train()
+    model(x)
+    assert torch.equal(seen["inp"], seen["block"])
+    pos = seen["inp"] > 0  # post-ReLU features: dropout shows on the positive ones
+    kept = seen["out"] != 0
+    assert pos.sum() > 50 and 0.3 < kept[pos].float().mean().item() < 0.7
+    assert torch.allclose(seen["out"][kept], 2 * seen["inp"][kept])
+    model.eval()
+    model(x)
+    assert torch.equal(seen["out"], seen["inp"])

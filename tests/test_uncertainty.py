@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -124,3 +125,20 @@ def test_fit_line_matches_numpy():
     assert fit.slope == pytest.approx(slope) and fit.intercept == pytest.approx(intercept)
     assert 0 <= fit.p < 0.05
     assert math.isnan(fit_line([1.0], [2.0]).r)
+
+
+def test_counts_json_round_trip_keeps_cases_and_pools_them():
+    from sepnet.evaluation.uncertainty import counts_from_json, counts_to_json
+
+    a = UncertaintyCounts(2, {"whole": [5, 1], "background": [3, 1], "organs": [2, 0]},
+                          {"whole": [1, 1], "background": [0, 1], "organs": [1, 0]})
+    b = UncertaintyCounts(2, {"whole": [7, 0], "background": [7, 0], "organs": [0, 0]},
+                          {"whole": [2, 0], "background": [2, 0], "organs": [0, 0]})
+    d = json.loads(json.dumps(counts_to_json({"c0": a, "c1": b})))
+    pooled, cases = counts_from_json(d)
+    assert pooled.voxels["whole"].tolist() == [12, 1] and pooled.errors["whole"].tolist() == [3, 1]
+    assert cases["c1"].errors["background"].tolist() == [2, 0] and set(cases) == {"c0", "c1"}
+    assert counts_to_json({}) == {} and counts_from_json({}) == (None, {})
+    # an older file without per-case counts still gives the pooled ones
+    pooled, cases = counts_from_json(a.to_dict())
+    assert pooled.voxels["whole"].tolist() == [5, 1] and cases == {}
