@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sepnet.core.organs import ORGAN_IDS
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -80,5 +82,5 @@ class Case:
     image: np.ndarray
     label: np.ndarray | None
     geometry: Geometry
-    annotated: tuple[int, ...] = tuple(range(1, 23))
+    annotated: tuple[int, ...] = ORGAN_IDS
     sources: tuple[str, ...] = field(default_factory=tuple)

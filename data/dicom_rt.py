@@ -10,7 +10,10 @@ a series always comes back with a right-handed direction; a left-handed volume w
 back with its z axis reversed (same physical content, different array order).
 
 RTSTRUCT contours (CLOSED_PLANAR, mm) are mapped to continuous voxel indices of the CT grid; each
-contour must lie on one image plane (within 0.25 slice; others are skipped with a warning). A voxel is
+contour must lie on one image plane (within 0.25 slice) and inside the image (voxel edges, index -0.5 ..
+n - 0.5), else a DataError: the label shares the CT grid, so a contour off it means the structure set was
+drawn on another scan. The CT series is the one the RTSTRUCT references (a reference to a series not in
+the folder is an error), else the only one in the folder (several is an error). A voxel is
 inside when its centre is inside the polygon; several contours of one ROI on one slice combine by
 even-odd (XOR), which is how holes are encoded. ROI names map to StructSeg ids by
 :func:`sepnet.data.organ_maps.match_roi_name`; unknown names are ignored.
@@ -27,7 +30,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -115,12 +119,15 @@ class CtSeries:
 class DicomScan:
     series: dict[str, list[tuple[Path, Dataset]]]  # CT SeriesInstanceUID -> (file, header)
     rtstructs: list[tuple[Path, Dataset]]
+    other: dict[str, int] = field(default_factory=dict)  # skipped modality -> number of files
 
 
 def scan(root: Path, *, max_depth: int = 3) -> DicomScan:
-    """Headers of every DICOM file under root, grouped into CT series and RTSTRUCTs (other modalities skipped)."""
+    """Headers of every DICOM file under root, grouped into CT series and RTSTRUCTs (other modalities are
+    counted in ``other`` and skipped)."""
     series: dict[str, list[tuple[Path, Dataset]]] = {}
     rts: list[tuple[Path, Dataset]] = []
+    other: dict[str, int] = {}
     for f in find_dicom_files(root, max_depth=max_depth):
         ds = _header(f)
         modality = str(getattr(ds, "Modality", "")).upper()
@@ -128,7 +135,10 @@ def scan(root: Path, *, max_depth: int = 3) -> DicomScan:
             rts.append((f, ds))
         elif modality == "CT" and "ImagePositionPatient" in ds:
             series.setdefault(str(ds.SeriesInstanceUID), []).append((f, ds))
-    return DicomScan(series, rts)
+        else:
+            key = modality or "no Modality"
+            other[key] = other.get(key, 0) + 1
+    return DicomScan(series, rts, other)
 
 
 def _referenced_series(rt: Dataset) -> set[str]:
@@ -141,16 +151,27 @@ def _referenced_series(rt: Dataset) -> set[str]:
 
 
 def choose_series(sc: DicomScan, root: Path, rtstruct: Dataset | None = None) -> list[tuple[Path, Dataset]]:
-    """The CT series referenced by the RTSTRUCT, else the one with the most slices."""
+    """The one CT series of a case folder: the one the RTSTRUCT references, else the only one.
+
+    DataError when there is no CT series (naming the modalities found instead), when the RTSTRUCT
+    references series none of which is in the folder (drawn on another scan), or when several CT series
+    are present and no RTSTRUCT says which one is meant (ambiguous: keep one series per case folder).
+    """
     if not sc.series:
-        raise DataError(f"{root}: no CT image series found")
-    if rtstruct is not None:
-        for uid in _referenced_series(rtstruct):
-            if uid in sc.series:
-                return sc.series[uid]
+        found = ", ".join(f"{n} {m}" for m, n in sorted(sc.other.items()))
+        raise DataError(f"{root}: no CT image series found" + (f" (found {found} file(s))" if found else ""))
+    refs = _referenced_series(rtstruct) if rtstruct is not None else set()
+    for uid in sorted(refs):
+        if uid in sc.series:
+            return sc.series[uid]
+    if refs:
+        raise DataError(
+            f"{root}: the RTSTRUCT references CT series {', '.join(sorted(refs))}, which is not in this folder"
+        )
     if len(sc.series) > 1:
-        log.warning("%s: %d CT series, using the largest", root, len(sc.series))
-    return max(sc.series.values(), key=len)
+        sizes = ", ".join(str(len(v)) for v in sc.series.values())
+        raise DataError(f"{root}: {len(sc.series)} CT series in one case folder ({sizes} slices); keep one")
+    return next(iter(sc.series.values()))
 
 
 # ----------------------------------------------------------------------------------------------- CT series
@@ -168,8 +189,12 @@ def sort_series(items: list[tuple[Path, Dataset]], *, where: Path) -> CtSeries:
     p0, h0 = items[0]
     iop = _floats(h0, "ImageOrientationPatient", 6, p0)
     row, col = iop[:3], iop[3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
+        raise DataError(f"{p0}: ImageOrientationPatient {iop.tolist()} is not two orthonormal directions")
     normal = np.cross(row, col)
     ps = _floats(h0, "PixelSpacing", 2, p0)
+    if not np.all(np.isfinite(ps)) or np.any(ps <= 0):
+        raise DataError(f"{p0}: PixelSpacing {ps.tolist()} mm, expected finite and > 0")
     rows, cols = int(h0.Rows), int(h0.Columns)
     pos = []
     for p, h in items:
@@ -179,6 +204,8 @@ def sort_series(items: list[tuple[Path, Dataset]], *, where: Path) -> CtSeries:
             raise DataError(f"{p}: slice size differs from the rest of the series in {where}")
         pos.append(_floats(h, "ImagePositionPatient", 3, p))
     pos_arr = np.asarray(pos)
+    if not np.all(np.isfinite(pos_arr)):
+        raise DataError(f"{where}: non-finite ImagePositionPatient in the CT series")
     order = np.argsort(pos_arr @ normal, kind="stable")
     d = np.diff((pos_arr @ normal)[order])
     if len(items) < 2:
@@ -216,7 +243,8 @@ def read_series_pixels(ct: CtSeries, *, where: Path) -> np.ndarray:
     try:
         img = reader.Execute()
     except RuntimeError as e:
-        raise DataError(f"{where}: cannot read the CT series ({str(e).strip().splitlines()[-1]})") from None
+        why = re.sub(r"\(0x[0-9a-f]+\)", "", str(e).strip().splitlines()[-1])  # drop ITK object addresses
+        raise DataError(f"{where}: cannot read the CT series ({why})") from None
     arr = sitk.GetArrayFromImage(img)
     if arr.shape != tuple(ct.geometry.shape):
         raise DataError(f"{where}: CT series pixel data {arr.shape} disagree with the headers {ct.geometry.shape}")
@@ -254,7 +282,6 @@ def rasterise_rtstruct(rt: Dataset, geometry: Geometry, *, path: Path) -> dict[s
     names = {int(r.ROINumber): str(r.ROIName) for r in getattr(rt, "StructureSetROISequence", [])}
     nz, ny, nx = geometry.shape
     masks: dict[str, np.ndarray] = {}
-    skipped = 0
     for roi in getattr(rt, "ROIContourSequence", []):
         name = names.get(int(roi.ReferencedROINumber))
         if name is None:
@@ -267,17 +294,29 @@ def rasterise_rtstruct(rt: Dataset, geometry: Geometry, *, path: Path) -> dict[s
             if len(pts) < 3:
                 continue
             ijk = geometry.physical_to_index(pts)
+            _check_contour(ijk, geometry.shape, path=path, roi=name)
             k = int(np.round(np.median(ijk[:, 2])))
-            if np.abs(ijk[:, 2] - k).max() > 0.25 or not 0 <= k < nz:
-                skipped += 1
-                continue
             rr, cc = _fill_polygon(ijk[:, :2], (ny, nx))
             mask[k, rr, cc] ^= True  # even-odd: an inner contour cuts a hole
     for name in names.values():
         masks.setdefault(name, np.zeros(geometry.shape, dtype=bool))  # ROI declared without contours
-    if skipped:
-        log.warning("%s: %d contour(s) not on a CT slice plane or outside the image were skipped", path, skipped)
     return masks
+
+
+CONTOUR_PLANE_TOL = 0.25  # slices: a contour farther than this from a CT slice plane is on another grid
+CONTOUR_EDGE_TOL = 0.01  # voxels beyond the image edge (index -0.5 .. n - 0.5) still accepted (rounding)
+
+
+def _check_contour(ijk: np.ndarray, shape: tuple[int, int, int], *, path: Path, roi: str) -> None:
+    """DataError unless a contour's continuous (x, y, z) indices lie on one slice plane inside the image."""
+    nz, ny, nx = shape
+    k = np.round(np.median(ijk[:, 2]))
+    if np.abs(ijk[:, 2] - k).max() > CONTOUR_PLANE_TOL:
+        raise DataError(f"{path}: ROI {roi!r} has a contour between CT slice planes (drawn on another grid)")
+    lo = -0.5 - CONTOUR_EDGE_TOL
+    hi = np.array([nx, ny]) - 0.5 + CONTOUR_EDGE_TOL
+    if not 0 <= k < nz or np.any(ijk[:, :2] < lo) or np.any(ijk[:, :2] > hi):
+        raise DataError(f"{path}: ROI {roi!r} has a contour outside the CT image")
 
 
 def rtstruct_organ_masks(rt: Dataset, geometry: Geometry, *, path: Path) -> dict[int, np.ndarray]:

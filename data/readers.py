@@ -18,15 +18,25 @@ Name maps PDDCA/HaN-Seg/ROI names -> StructSeg ids and the mandible split are do
 Separate binary masks are painted into one label map largest organ first, so where masks overlap
 the smaller organ wins.
 
-Geometry: files are read with SimpleITK (NIfTI and NRRD come out in LPS, arrays (z, y, x)). A label or
-mask on another grid than the image is aligned by physical coordinates: when its voxel centres coincide
-with image voxel centres up to an axis permutation/flip and a shift (a sub- or super-grid), it is
-resampled onto the image grid by nearest neighbour (exact in that case); when it is not, or when
-labelled voxels would fall outside the image, a DataError is raised. Arrays are never compared blindly.
+Geometry: files are read with SimpleITK (NIfTI and NRRD come out in LPS, arrays (z, y, x)). Spacing must
+be finite and > 0 on every axis and the direction orthonormal (NIfTI: checked on the raw header, which
+nibabel and SimpleITK would repair to 1 mm). Label-grid policy (see :func:`align_to`), arrays are never
+compared blindly:
 
-Bad input raises a one-line DataError naming the file and the cause (truncated file, 2-D image,
-NaN HU, labels > 22 or non-integer, unalignable grids, missing label with ``require_label=True``,
-empty folder).
+- StructSeg ``label.nii.gz`` and PDDCA ``structures/*.nrrd`` share the image grid: the same voxel centres,
+  possibly in another axis order/direction (then reordered exactly); fewer slices, a crop or another
+  spacing is a DataError (missing slices are not background).
+- HaN-Seg ``.seg.nrrd`` masks may be cropped (Slicer stores the segment's bounding box): a sub- or
+  super-grid on the image's voxel lattice is placed by physical coordinates; labelled voxels outside the
+  image, or a grid off the lattice, are a DataError.
+- DICOM RTSTRUCT contours are rasterised on the CT series they reference; a reference to a series not in
+  the folder, or a contour off the slice planes or outside the image, is a DataError
+  (:mod:`sepnet.data.dicom_rt`).
+
+Bad input raises a one-line DataError naming the file (or case folder) and the cause (truncated or empty
+file, symlink loop, 2-D/4-D image, NaN HU, labels > 22 or non-integer, label grid mismatch, bad spacing or
+direction, missing label with ``require_label=True``, a label without its image, empty folder).
+:func:`list_cases` lists incomplete case folders with ``CaseRef.problem`` set instead of dropping them.
 """
 
 from __future__ import annotations
@@ -63,11 +73,14 @@ class CaseRef:
 
     ``paths`` always has ``root`` (the case folder) and, depending on the format, ``image``, ``label``
     (StructSeg, if present), ``structures`` (PDDCA folder, if present).
+    ``problem``: set for a case folder that is incomplete or broken (e.g. a label without its image): the
+    one-line cause, raised as a DataError by :func:`read_case`, so such a folder is reported, not dropped.
     """
 
     case_id: str
     format: str
     paths: dict[str, Path] = field(default_factory=dict)
+    problem: str | None = None
 
     @property
     def root(self) -> Path:
@@ -108,6 +121,7 @@ def _geometry3(path: Path, spacing, origin, direction, size) -> Geometry:
     if size[2] < 2:
         raise DataError(f"{path}: a single slice (2-D image of size {size_s}), expected a 3-D volume")
     d = np.asarray(direction, dtype=float).reshape(dim, dim)[:3, :3]
+    check_grid(spacing[:3], d, where=path)
     return Geometry(
         spacing=tuple(float(v) for v in spacing[:3]),
         origin=tuple(float(v) for v in origin[:3]),
@@ -116,18 +130,99 @@ def _geometry3(path: Path, spacing, origin, direction, size) -> Geometry:
     )
 
 
+ORTHONORMAL_TOL = 1e-3  # |D^T D - I| bound: float32 headers are orthonormal to ~1e-6, a shear is not
+
+
+def check_grid(spacing, direction, *, where: Path | str) -> None:
+    """DataError naming ``where`` unless spacing (x, y, z) is finite and > 0 on every axis and the 3x3
+    ``direction`` is finite and orthonormal (within ORTHONORMAL_TOL)."""
+    sp = np.asarray(spacing, dtype=float)
+    if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+        raise DataError(f"{where}: voxel spacing {sp.tolist()} mm, expected finite and > 0 on every axis")
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    if not np.all(np.isfinite(d)) or np.abs(d.T @ d - np.eye(3)).max() > ORTHONORMAL_TOL:
+        raise DataError(
+            f"{where}: direction matrix {np.round(d, 4).tolist()} is not orthonormal (sheared or degenerate)"
+        )
+
+
+def _raw_nifti_header(path: Path):
+    """The NIfTI-1/2 header exactly as stored (nibabel's loader repairs zero pixdim with a warning)."""
+    import gzip
+
+    import nibabel as nib
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            block = f.read(540)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: truncated or corrupt file ({_msg(e)})") from None
+    for cls in (nib.Nifti1Header, nib.Nifti2Header):
+        n = cls.sizeof_hdr
+        if len(block) < n:
+            continue
+        for endian in ("<", ">"):
+            if int(np.frombuffer(block[:4], dtype=f"{endian}i4")[0]) == n:
+                return cls(block[:n], endianness=endian, check=False)
+    raise DataError(f"{path}: not a NIfTI file (bad header size field)")
+
+
+def _check_nifti_header(path: Path) -> None:
+    """Spacing and direction from the raw header: pixdim[1..3] finite and > 0; a used sform orthonormal."""
+    h = _raw_nifti_header(path)
+    ndim = int(h["dim"][0])
+    if not 1 <= ndim <= 7:
+        raise DataError(f"{path}: corrupt NIfTI header (dim[0] = {ndim})")
+    pix = np.asarray(h["pixdim"][1 : 1 + min(ndim, 3)], dtype=float)
+    if not np.all(np.isfinite(pix)) or np.any(pix <= 0):
+        raise DataError(
+            f"{path}: voxel spacing (pixdim) {np.round(pix, 4).tolist()} mm in the header, "
+            "expected finite and > 0 on every axis"
+        )
+    if int(h["sform_code"]) > 0:
+        m = np.stack([h["srow_x"][:3], h["srow_y"][:3], h["srow_z"][:3]]).astype(float)
+        norms = np.linalg.norm(m, axis=0)
+        if not np.all(np.isfinite(m)) or np.any(norms <= 0):
+            raise DataError(f"{path}: degenerate sform (column lengths {np.round(norms, 4).tolist()} mm)")
+        check_grid(norms, m / norms, where=f"{path} (sform)")
+
+
+def _stat_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file (symlink loop, broken link, folder, missing), or None."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        import errno
+
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if path.is_symlink():
+            return f"broken symbolic link (-> {os.readlink(path)})"
+        return "file not found" if e.errno == errno.ENOENT else f"cannot access ({e.strerror})"
+    import stat
+
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_size == 0:
+        return "empty file"
+    return None
+
+
 def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     """A 3-D NIfTI/NRRD/MetaImage file -> (array (z, y, x) in the file's dtype, Geometry LPS).
 
     Multi-component images (e.g. a multi-layer .seg.nrrd) get a trailing component axis (z, y, x, c).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    problem = _stat_problem(path)
+    if problem:
+        raise DataError(f"{path}: {problem}")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         if path.name.endswith((".nii", ".nii.gz")):
+            _check_nifti_header(path)
             reader.ReadImageInformation()
             g = _geometry3(path, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), reader.GetSize())
             arr = _read_nifti_pixels(path)
@@ -207,16 +302,45 @@ def is_alignable(src: Geometry, dst: Geometry, *, tol_matrix: float = 1e-3, tol_
     return bool(perm and np.abs(m - r).max() < tol_matrix and np.abs(t - np.rint(t)).max() < tol_shift)
 
 
-def align_to(arr: np.ndarray, g: Geometry, ref: Geometry, *, path: Path, ref_path: Path | str) -> np.ndarray:
-    """uint8 array ``arr`` on grid ``g`` -> on grid ``ref``: as is, or resampled (nearest) when alignable."""
+def same_voxels(src: Geometry, dst: Geometry) -> bool:
+    """True when src and dst hold the same voxel centres, possibly in another axis order/direction
+    (``is_alignable`` and the src index box maps exactly onto the dst index box)."""
+    if not is_alignable(src, dst):
+        return False
+    m, t = _grid_map(src, dst)
+    n_src = np.asarray(src.shape[::-1], dtype=float) - 1  # (x, y, z)
+    corners = np.asarray(np.meshgrid(*[(0.0, n) for n in n_src], indexing="ij")).reshape(3, -1)
+    idx = np.rint(m @ corners + t[:, None])
+    return bool(np.all(idx.min(axis=1) == 0) and np.all(idx.max(axis=1) == np.asarray(dst.shape[::-1]) - 1))
+
+
+def _grid_text(g: Geometry) -> str:
+    return (
+        f"shape {g.shape}, spacing {np.round(g.spacing, 4).tolist()}, origin {np.round(g.origin, 3).tolist()}"
+    )
+
+
+def align_to(
+    arr: np.ndarray, g: Geometry, ref: Geometry, *, path: Path, ref_path: Path | str, cropped: bool = False
+) -> np.ndarray:
+    """uint8 array ``arr`` on grid ``g`` -> on grid ``ref`` (the image grid), by the label-grid policy.
+
+    cropped=False (StructSeg, PDDCA): the label must hold the image's voxels (same grid, or the same voxel
+    centres in another axis order/direction); anything else (fewer slices, a crop, other spacing) is a
+    DataError. cropped=True (HaN-Seg ``.seg.nrrd``): a sub- or super-grid on the image's voxel lattice is
+    placed by physical coordinates; labelled voxels outside the image are a DataError.
+    """
     if g.same_grid(ref):
         return arr
     if not is_alignable(g, ref):
         raise DataError(
-            f"{path}: grid (shape {g.shape}, spacing {np.round(g.spacing, 4).tolist()}, origin "
-            f"{np.round(g.origin, 3).tolist()}) does not match image {ref_path} (shape {ref.shape}, spacing "
-            f"{np.round(ref.spacing, 4).tolist()}, origin {np.round(ref.origin, 3).tolist()}) and is not a "
+            f"{path}: grid ({_grid_text(g)}) does not match image {ref_path} ({_grid_text(ref)}) and is not a "
             "permutation/flip/sub-grid of it"
+        )
+    if not cropped and not same_voxels(g, ref):
+        raise DataError(
+            f"{path}: grid ({_grid_text(g)}) differs from image {ref_path} ({_grid_text(ref)}); "
+            "this format keeps labels on the image grid"
         )
     src = _to_sitk(arr.astype(np.uint8), g)
     ref_img = sitk.Image([int(v) for v in reversed(ref.shape)], sitk.sitkUInt8)
@@ -237,14 +361,14 @@ def _read_label(path: Path, ref: Geometry, ref_path: Path) -> np.ndarray:
     return align_to(_label_values(arr, path), g, ref, path=path, ref_path=ref_path)
 
 
-def _read_mask(path: Path, ref: Geometry, ref_path: Path) -> np.ndarray:
+def _read_mask(path: Path, ref: Geometry, ref_path: Path, *, cropped: bool) -> np.ndarray:
     """A binary organ mask file -> bool (z, y, x) on the image grid (any non-zero voxel is inside)."""
     arr, g = read_volume(path)
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise DataError(f"{path}: NaN/inf in the mask")
     if arr.ndim == 4:  # multi-layer .seg.nrrd: any layer
         arr = arr.any(axis=-1)
-    return align_to((arr != 0).astype(np.uint8), g, ref, path=path, ref_path=ref_path).astype(bool)
+    return align_to((arr != 0).astype(np.uint8), g, ref, path=path, ref_path=ref_path, cropped=cropped).astype(bool)
 
 
 def _x_mm(g: Geometry) -> np.ndarray:
@@ -297,6 +421,36 @@ def _case_format(d: Path) -> str | None:
     return None
 
 
+_IMAGE_NAMES = {"structseg": ("data.nii.gz", "data.nii"), "pddca": ("img.nrrd",)}
+
+
+def _partial_format(d: Path) -> str | None:
+    """Format whose file names appear in ``d`` at all (also as broken links), for incomplete case folders."""
+    names = {p.name for p in d.iterdir()} if d.is_dir() else set()
+    if names & {"data.nii.gz", "data.nii", "label.nii.gz", "label.nii"}:
+        return "structseg"
+    if "img.nrrd" in names or (d / "structures").is_dir():
+        return "pddca"
+    if any(n.endswith("_IMG_CT.nrrd") or ("_OAR_" in n and n.endswith(".seg.nrrd")) for n in names):
+        return "hanseg"
+    return None
+
+
+def _incomplete_reason(d: Path, fmt: str) -> str:
+    """One line: why folder ``d`` (whose files look like ``fmt``) is not a readable case."""
+    if fmt == "hanseg":
+        cts = sorted(d.glob("*_IMG_CT.nrrd"))
+        if len(cts) > 1:
+            return f"{d}: {len(cts)} *_IMG_CT.nrrd files, expected one"
+        if cts:
+            return f"{cts[0]}: {_stat_problem(cts[0]) or 'unreadable'}"
+        return f"{d}: no <case>_IMG_CT.nrrd image beside the organ masks"
+    for name in _IMAGE_NAMES[fmt]:
+        if os.path.lexists(d / name):
+            return f"{d / name}: {_stat_problem(d / name) or 'unreadable'}"
+    return f"{d}: no image ({' or '.join(_IMAGE_NAMES[fmt])}) beside the label files"
+
+
 def _subdirs(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -309,6 +463,9 @@ def detect_format(path: str | os.PathLike) -> str:
     fmt = _case_format(path)
     if fmt:
         return fmt
+    partial = _partial_format(path)
+    if partial:
+        raise DataError(_incomplete_reason(path, partial))
     subs = _subdirs(path)
     for s in subs:
         fmt = _case_format(s)
@@ -336,11 +493,30 @@ def _make_ref(d: Path, fmt: str) -> CaseRef:
         if (d / "structures").is_dir():
             paths["structures"] = d / "structures"
     elif fmt == "hanseg":
-        cts = sorted(d.glob("*_IMG_CT.nrrd"))
+        cts = sorted(p for p in d.glob("*_IMG_CT.nrrd") if p.is_file())
         if len(cts) != 1:
-            raise DataError(f"{d}: {len(cts)} *_IMG_CT.nrrd files, expected one")
+            return CaseRef(case_id=d.name, format=fmt, paths=paths, problem=_incomplete_reason(d, fmt))
         paths["image"] = cts[0]
     return CaseRef(case_id=d.name, format=fmt, paths=paths)
+
+
+def _dataset_refs(dataset: Path, fmt: str) -> list[CaseRef]:
+    """One ref per case sub-folder of a NIfTI/NRRD dataset; incomplete or foreign case folders become refs
+    with a ``problem`` (reported when read), folders without any case file are ignored with a warning."""
+    refs = []
+    for s in _subdirs(dataset):
+        found = _case_format(s)
+        if found == fmt:
+            refs.append(_make_ref(s, fmt))
+            continue
+        partial = found or _partial_format(s)
+        if partial is None:
+            log.warning("%s: no %s case files in this folder; ignored", s, fmt)
+        elif partial != fmt:
+            refs.append(CaseRef(s.name, fmt, {"root": s}, problem=f"{s}: a {partial} case in a {fmt} dataset"))
+        else:
+            refs.append(CaseRef(s.name, fmt, {"root": s}, problem=_incomplete_reason(s, fmt)))
+    return refs
 
 
 def _dicom_case_dirs(root: Path) -> list[Path]:
@@ -365,7 +541,10 @@ def _dicom_case_dirs(root: Path) -> list[Path]:
 def list_cases(dataset: str | os.PathLike, *, format: str = "auto") -> list[CaseRef]:
     """The cases of a dataset folder (or the one case a case folder is), sorted by id.
 
-    Raises DataError naming the folder when it holds no case of the format.
+    A case folder that is incomplete (a label without its image, an image that is a broken link or a
+    symlink loop, a case of another format) is listed with ``problem`` set, so that reading it raises a
+    DataError naming it: such folders are reported, never dropped. Raises DataError naming the folder
+    when it holds no readable case of the format.
     """
     dataset = Path(dataset)
     fmt = detect_format(dataset) if format == "auto" else format
@@ -374,14 +553,14 @@ def list_cases(dataset: str | os.PathLike, *, format: str = "auto") -> list[Case
     if not dataset.is_dir():
         raise DataError(f"{dataset}: folder not found")
     if fmt == "dicom":
-        dirs = _dicom_case_dirs(dataset)
+        refs = [_make_ref(d, fmt) for d in _dicom_case_dirs(dataset)]
     elif _case_format(dataset) == fmt:
-        dirs = [dataset]
+        refs = [_make_ref(dataset, fmt)]
     else:
-        dirs = [s for s in _subdirs(dataset) if _case_format(s) == fmt]
-    if not dirs:
-        raise DataError(f"{dataset}: no {fmt} cases in this folder")
-    return sorted((_make_ref(d, fmt) for d in dirs), key=lambda r: r.case_id)
+        refs = _dataset_refs(dataset, fmt)
+    if not any(r.problem is None for r in refs):
+        raise DataError(refs[0].problem if refs else f"{dataset}: no {fmt} cases in this folder")
+    return sorted(refs, key=lambda r: r.case_id)
 
 
 # ----------------------------------------------------------------------------------------------- readers
@@ -409,7 +588,7 @@ def _read_mask_case(ref: CaseRef, files: dict[str, Path], table: dict[str, int],
         if organ is None:
             log.debug("%s: %s is not a StructSeg organ; ignored", path, name)
             continue
-        m = _read_mask(path, g, ipath)
+        m = _read_mask(path, g, ipath, cropped=ref.format == "hanseg")
         masks[organ] = masks[organ] | m if organ in masks else m
         sources.append(str(path))
     if not masks:
@@ -471,6 +650,8 @@ def read_case(ref_or_path: CaseRef | str | os.PathLike, *, format: str = "auto",
         if len(refs) != 1:
             raise DataError(f"{ref_or_path}: a dataset of {len(refs)} cases, expected one case folder")
         ref = refs[0]
+    if ref.problem:
+        raise DataError(ref.problem)
     return _READERS[ref.format](ref, require_label)
 
 

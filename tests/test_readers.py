@@ -317,7 +317,9 @@ def test_label_on_flipped_direction_is_aligned(tmp_path):
     np.testing.assert_array_equal(read_case(root).label, case.label)
 
 
-def test_label_with_permuted_axes_and_subgrid_is_aligned(tmp_path):
+def test_label_with_permuted_axes_is_aligned_but_subgrid_is_refused(tmp_path):
+    """StructSeg labels share the image grid: the same voxels in another axis order are read back exactly,
+    a crop (sub-grid) or fewer slices are errors (missing slices are not background)."""
     case = make_case(IDENTITY)
     root = write_case(case, tmp_path, format="structseg")
     g = case.geometry
@@ -328,12 +330,16 @@ def test_label_with_permuted_axes_and_subgrid_is_aligned(tmp_path):
     )
     _write_label(np.ascontiguousarray(case.label.transpose(0, 2, 1)), perm, root / "label.nii.gz")
     np.testing.assert_array_equal(read_case(root).label, case.label)
-    # a cropped label (sub-grid holding every organ voxel): padded back with background
+    # a cropped label (sub-grid holding every organ voxel): refused in this layout
     zs, ys, xs = (np.nonzero(case.label.any(axis=a))[0] for a in ((1, 2), (0, 2), (0, 1)))
     crop = case.label[zs[0] : zs[-1] + 1, ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
     sub = Geometry(g.spacing, tuple(g.index_to_physical([xs[0], ys[0], zs[0]])[0]), g.direction, crop.shape)
     _write_label(np.ascontiguousarray(crop), sub, root / "label.nii.gz")
-    np.testing.assert_array_equal(read_case(root).label, case.label)
+    with pytest.raises(DataError, match=r"label\.nii\.gz: grid .* differs from image .* keeps labels on the image"):
+        read_case(root)
+    _write_label(np.ascontiguousarray(case.label[:-2]), g, root / "label.nii.gz")  # two slices short, same origin
+    with pytest.raises(DataError, match=r"shape \(10, 40, 48\).* differs from image"):
+        read_case(root)
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -367,10 +373,9 @@ def test_unalignable_label_grids(sroot):
     _write_label(np.ascontiguousarray(case.label[:, :, ::2]), coarse, sroot / "label.nii.gz")
     with pytest.raises(DataError, match="does not match image"):
         read_case(sroot)
-    big = np.zeros((12, 40, 60), np.uint8)  # a larger grid whose organs fall outside the image
-    big[:, :, 50:] = 1
+    big = np.zeros((12, 40, 60), np.uint8)  # a larger grid on the image lattice: not the image grid
     _write_label(big, g, sroot / "label.nii.gz")
-    with pytest.raises(DataError, match="outside the image"):
+    with pytest.raises(DataError, match="keeps labels on the image grid"):
         read_case(sroot)
 
 
@@ -471,6 +476,14 @@ def test_hanseg_cropped_mask_and_rewrite(tmp_path):
     sub = Geometry(g.spacing, tuple(g.index_to_physical([2, 5, 0])[0]), g.direction, m.shape)
     _write_label(m.astype(np.uint8), sub, root / "case_02_OAR_Parotid_L.seg.nrrd")
     np.testing.assert_array_equal(read_case(root).label, restrict(case.label, HANSEG_IDS))
+    big = np.zeros((12, 40, 60), np.uint8)  # a super-grid: fine while its organ voxels lie in the image ...
+    big[:, 5:35, 2:20] = m
+    _write_label(big, Geometry(g.spacing, g.origin, g.direction, big.shape), root / "case_02_OAR_Parotid_L.seg.nrrd")
+    np.testing.assert_array_equal(read_case(root).label, restrict(case.label, HANSEG_IDS))
+    big[:, :, 50:] = 1  # ... and an error once some fall outside it
+    _write_label(big, Geometry(g.spacing, g.origin, g.direction, big.shape), root / "case_02_OAR_Parotid_L.seg.nrrd")
+    with pytest.raises(DataError, match=r"Parotid_L\.seg\.nrrd: \d+ labelled voxels lie outside the image"):
+        read_case(root)
     case.image[0, 0, 0] = 123  # writing again replaces the folder as a whole
     root = write_case(case, tmp_path, format="hanseg")
     assert read_case(root).image[0, 0, 0] == 123 and sorted(p.name for p in tmp_path.iterdir()) == ["case_02"]
@@ -486,3 +499,33 @@ def test_truncated_nrrd_and_dicom_file_path(tmp_path):
     droot = write_case(case, tmp_path / "d", format="dicom")
     image, g = read_image(droot / "ct" / "CT_0003.dcm")  # a file of the series stands for its folder
     np.testing.assert_array_equal(image, case.image)
+
+
+def test_incomplete_case_folders_are_listed_with_their_problem(tmp_path):
+    """A label without its image or an image that is a symlink loop is reported on read, never dropped."""
+    for cid in ("a", "noimg", "loop"):
+        write_case(make_case(case_id=cid), tmp_path, format="structseg")
+    (tmp_path / "noimg" / "data.nii.gz").unlink()
+    (tmp_path / "loop" / "data.nii.gz").unlink()
+    (tmp_path / "loop" / "data.nii.gz").symlink_to("data.nii.gz")
+    (tmp_path / "notes").mkdir()  # no case file at all: ignored (with a warning)
+    refs = {r.case_id: r for r in list_cases(tmp_path)}
+    assert sorted(refs) == ["a", "loop", "noimg"] and refs["a"].problem is None
+    with pytest.raises(DataError, match=r"noimg: no image \(data\.nii\.gz or data\.nii\)"):
+        read_case(refs["noimg"])
+    with pytest.raises(DataError, match=r"loop/data\.nii\.gz: symbolic link loop"):
+        read_case(refs["loop"])
+    with pytest.raises(DataError, match=r"noimg: no image"):  # a case folder given directly
+        read_case(tmp_path / "noimg")
+
+
+def test_zero_slice_spacing_in_the_raw_nifti_header(sroot):
+    """nibabel and SimpleITK both repair pixdim 0 to 1 mm; the raw header decides."""
+    p = sroot / "data.nii.gz"
+    raw = gzip.decompress(p.read_bytes())
+    h = nib.Nifti1Header(raw[:348], check=False)
+    h["pixdim"][3], h["sform_code"], h["qform_code"] = 0, 0, 0
+    p.write_bytes(gzip.compress(h.binaryblock + raw[348:]))
+    assert sitk.ReadImage(str(p)).GetSpacing()[2] == 1.0  # the repair we must not trust
+    with pytest.raises(DataError, match=r"data\.nii\.gz: voxel spacing \(pixdim\) \[0\.9, 1\.1, 0\.0\]"):
+        read_case(sroot)
