@@ -1,13 +1,13 @@
 """Atomic checkpoints, RNG state capture/restore, and submitit's requeue-on-preemption hook.
 
-A checkpoint is a plain dict written with ``torch.save`` to ``<path>.tmp-<pid>``, fsynced, then
-``os.replace``d over ``path``: a reader (or a job killed mid-write) sees the old file or the new
-one, never half of one.
+A checkpoint is a plain dict written with ``torch.save`` through :func:`sepnet.hpc.atomic.atomic_write`
+(a fsynced temp file beside ``path``, renamed over it): a reader (or a job killed mid-write) sees
+the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
 
-import os
+import io
 import random
 from pathlib import Path
 from typing import Any
@@ -15,36 +15,18 @@ from typing import Any
 import numpy as np
 import torch
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+from sepnet.hpc.atomic import atomic_write_bytes
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` (tensors, numbers, strings, dicts of them) to ``path`` atomically and durably."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
+    """Write ``state`` (tensors, numbers, strings, dicts of them) to ``path`` atomically and durably
+    (:func:`sepnet.hpc.atomic.atomic_write`: fsynced temp file renamed over ``path``).
+
+    Serialised in memory first: torch.save's zip writer reports a full disk as an opaque
+    RuntimeError, a plain file write as OSError ENOSPC naming the cause."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return atomic_write_bytes(path, buf.getbuffer())
 
 
 def load(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:

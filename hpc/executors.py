@@ -12,12 +12,17 @@ Three kinds, one interface (a submitit ``Executor``):
 Requests that cannot fit (more nodes, CPUs, GPUs or memory than the partition has, an unknown
 partition, GPUs that this machine lacks) raise :class:`SubmissionError` before anything is queued.
 Every job gets its own log folder ``<folder>/<name>/<job id>``: logs are never shared.
+SLURM jobs get the rendezvous settings (interface, port, timeout) of the config in their environment
+(:func:`job_environment`); local jobs (one node, loopback) inherit the submitting process's
+environment instead (submitit's local ``setup`` would put a shell between the job and its signals).
+Multi-node jobs: docs/multinode.md.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -139,6 +144,14 @@ def _check_common(cfg: ExecutorConfig) -> None:
             raise SubmissionError(f"executor.{key}: must be >= 1, got {getattr(cfg, key)}")
     if cfg.gpus_per_node < 0:
         raise SubmissionError(f"executor.gpus_per_node: must be >= 0, got {cfg.gpus_per_node}")
+    if cfg.master_port is not None and not 1024 <= cfg.master_port <= 65535:
+        raise SubmissionError(f"executor.master_port: must be in 1024..65535 (or null), got {cfg.master_port}")
+    if not cfg.rendezvous_timeout_s > 0:
+        raise SubmissionError(f"executor.rendezvous_timeout_s: must be > 0, got {cfg.rendezvous_timeout_s}")
+    for key in ("gloo_socket_ifname", "nccl_socket_ifname"):
+        value = getattr(cfg, key)
+        if value is not None and not re.fullmatch(r"[\^=]?[A-Za-z0-9_.:-]+(,[A-Za-z0-9_.:-]+)*", value):
+            raise SubmissionError(f"executor.{key}: {value!r} is not an interface name or a comma-separated list")
     if cfg.kind in ("debug", "local") and cfg.nodes != 1:
         raise SubmissionError(f"executor.nodes: the {cfg.kind} executor runs on one node, got nodes={cfg.nodes}")
     if cfg.kind == "local" and cfg.gpus_per_node:
@@ -151,7 +164,29 @@ def _check_common(cfg: ExecutorConfig) -> None:
             )
 
 
+def check_config(cfg: ExecutorConfig) -> None:
+    """Raise SubmissionError for what no cluster can fix: kind, counts, nodes/GPUs of local runs (at config load)."""
+    _check_common(cfg)
+
+
 # --------------------------------------------------------------------------- factory
+
+def job_environment(cfg: ExecutorConfig) -> dict[str, str]:
+    """The variables every task of a SLURM job gets (rendezvous interface, port and timeout)."""
+    from sepnet.hpc.distributed import RENDEZVOUS_TIMEOUT_ENV
+
+    env = {RENDEZVOUS_TIMEOUT_ENV: f"{cfg.rendezvous_timeout_s:g}"}
+    for key, value in (("GLOO_SOCKET_IFNAME", cfg.gloo_socket_ifname), ("NCCL_SOCKET_IFNAME", cfg.nccl_socket_ifname),
+                       ("MASTER_PORT", cfg.master_port)):
+        if value is not None:
+            env[key] = str(value)
+    return env
+
+
+def _setup_lines(cfg: ExecutorConfig) -> list[str]:
+    """``export`` lines of the sbatch script, run before ``srun`` starts the tasks."""
+    return [f"export {k}={shlex.quote(v)}" for k, v in sorted(job_environment(cfg).items())]
+
 
 def make_executor(cfg: ExecutorConfig, *, folder: str | Path, name: str) -> submitit.Executor:
     """Build a submitit executor for ``cfg`` whose jobs log into ``<folder>/<name>/<job id>``.
@@ -182,7 +217,9 @@ def make_executor(cfg: ExecutorConfig, *, folder: str | Path, name: str) -> subm
         name=name, timeout_min=cfg.time_min, nodes=cfg.nodes, tasks_per_node=cfg.tasks_per_node,
         cpus_per_task=cfg.cpus_per_task, gpus_per_node=cfg.gpus_per_node,
         slurm_partition=partition, slurm_array_parallelism=cfg.array_parallelism,
-        slurm_additional_parameters=dict(cfg.extra),
+        slurm_additional_parameters=dict(cfg.extra), slurm_setup=_setup_lines(cfg),
+        # one rank failing (e.g. no rendezvous) ends the whole step at once instead of leaving the others waiting
+        slurm_srun_args=["--kill-on-bad-exit=1"],
     )
     if cfg.mem_gb:
         params["mem_gb"] = cfg.mem_gb
@@ -201,18 +238,6 @@ def _kind(executor: submitit.Executor) -> str:
 
 
 # --------------------------------------------------------------------------- submission helpers
-
-def submit_array(executor: submitit.Executor, fn: Callable[..., Any], args_list: Sequence[Sequence[Any]]) -> list:
-    """Submit ``fn(*args)`` for each ``args`` in ``args_list`` as one batch (one SLURM job array,
-    at most ``array_parallelism`` running at once). Returns the jobs in input order."""
-    if not args_list:
-        return []
-    jobs = []
-    with executor.batch():
-        for args in args_list:
-            jobs.append(executor.submit(fn, *args))
-    return jobs
-
 
 def submit_tasks(executor: submitit.Executor, tasks: Sequence[Callable[[], Any]]) -> list:
     """Submit zero-argument callables (e.g. checkpointable ``TrainTask`` instances, which submitit

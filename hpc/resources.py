@@ -19,6 +19,14 @@ class ExecutorConfig:
     time_min: wall-clock limit in minutes. mem_gb: memory per node in GB (None = cluster default).
     gpus_per_node: GPUs per node (0 = CPU jobs). tasks_per_node: DDP processes per node (one per GPU).
     extra: any other sbatch option, passed through verbatim (e.g. ``{"reservation": "abc"}``).
+
+    Multi-node rendezvous (exported into every job's environment, see docs/multinode.md):
+    gloo_socket_ifname / nccl_socket_ifname: the network interface(s) that gloo / NCCL bind to
+    (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``, e.g. ``ib0``; None = the library's own choice,
+    the interface of the address the node's hostname resolves to). master_port: a fixed TCP port
+    for rank 0's rendezvous store (``MASTER_PORT``); None = derived from the job id, so that two
+    jobs on one node do not collide. rendezvous_timeout_s: seconds the ranks wait for each other at
+    start before the job fails with a one-line ``RendezvousError`` (never a hang).
     """
 
     kind: Literal["debug", "local", "slurm"] = "local"
@@ -35,3 +43,7 @@ class ExecutorConfig:
     exclude: str | None = None
     array_parallelism: int = 16
     extra: dict[str, Any] = field(default_factory=dict)
+    gloo_socket_ifname: str | None = None
+    nccl_socket_ifname: str | None = None
+    master_port: int | None = None
+    rendezvous_timeout_s: float = 300.0

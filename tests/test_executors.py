@@ -9,12 +9,13 @@ import pytest
 
 from sepnet.core.errors import SubmissionError
 from sepnet.hpc import executors as exm
+from sepnet.hpc.distributed import RendezvousError, init_distributed, rendezvous_port
 from sepnet.hpc.executors import (
     check_slurm_fit,
+    job_environment,
     make_executor,
     parse_sinfo,
     submit_after,
-    submit_array,
     wait,
 )
 from sepnet.hpc.resources import ExecutorConfig
@@ -25,6 +26,12 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 def square(x):
     return x * x
+
+
+def submit_each(executor, fn, args_list):
+    """``fn(*args)`` for each ``args`` as one batch (one SLURM job array); jobs in input order."""
+    with executor.batch():
+        return [executor.submit(fn, *args) for args in args_list]
 
 
 def fail(msg):
@@ -105,6 +112,12 @@ def test_bad_values_rejected_before_anything(tmp_path):
         make_executor(ExecutorConfig(kind="local", gpus_per_node=64), folder=tmp_path, name="x")
     with pytest.raises(SubmissionError, match="job name"):
         make_executor(ExecutorConfig(kind="debug"), folder=tmp_path, name="../escape")
+    with pytest.raises(SubmissionError, match="executor.master_port"):
+        make_executor(ExecutorConfig(kind="local", master_port=80), folder=tmp_path, name="x")
+    with pytest.raises(SubmissionError, match="executor.rendezvous_timeout_s"):
+        make_executor(ExecutorConfig(kind="local", rendezvous_timeout_s=0), folder=tmp_path, name="x")
+    with pytest.raises(SubmissionError, match="executor.gloo_socket_ifname"):
+        make_executor(ExecutorConfig(kind="local", gloo_socket_ifname="eth0; rm -rf /"), folder=tmp_path, name="x")
     assert list(tmp_path.iterdir()) == []  # nothing queued, no log folder made
 
 
@@ -112,7 +125,7 @@ def test_bad_values_rejected_before_anything(tmp_path):
 
 def test_debug_executor_runs_in_process_and_logs_per_job(tmp_path):
     ex = make_executor(ExecutorConfig(kind="debug"), folder=tmp_path / "logs", name="train/fold0/a")
-    jobs = submit_array(ex, square, [(2,), (3,)])
+    jobs = submit_each(ex, square, [(2,), (3,)])
     report = wait(jobs, poll_s=0.1)
     assert report.ok and sorted(report.results.values()) == [4, 9]
     assert str(jobs[0].paths.folder).startswith(str(tmp_path / "logs" / "train" / "fold0" / "a"))
@@ -156,3 +169,46 @@ def test_init_distributed_alone():
     assert ddp.all_reduce_mean(3.5) == 3.5 and ddp.all_gather_object("x") == ["x"]
     ddp.barrier()
     ddp.cleanup()
+
+
+# --------------------------------------------------------------------------- rendezvous settings
+
+def test_job_environment_carries_interfaces_port_and_timeout():
+    assert job_environment(ExecutorConfig()) == {"SEPNET_RENDEZVOUS_TIMEOUT_S": "300"}
+    cfg = ExecutorConfig(kind="slurm", gloo_socket_ifname="sn0", nccl_socket_ifname="^lo,docker0", master_port=23456,
+                         rendezvous_timeout_s=12.5)
+    assert job_environment(cfg) == {"GLOO_SOCKET_IFNAME": "sn0", "NCCL_SOCKET_IFNAME": "^lo,docker0",
+                                    "MASTER_PORT": "23456", "SEPNET_RENDEZVOUS_TIMEOUT_S": "12.5"}
+
+
+def test_rendezvous_port_per_job():
+    assert rendezvous_port("1234") == 21234 and rendezvous_port(41234) == 21234
+    assert rendezvous_port("1234_7") == rendezvous_port("1234")  # every array element of one id: same base
+    ports = {rendezvous_port(str(i)) for i in range(500, 600)}
+    assert len(ports) == 100 and all(20000 <= p < 40000 for p in ports)
+    with pytest.raises(ValueError, match="no number"):
+        rendezvous_port("local")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_rendezvous_timeout_is_one_line_error_not_a_hang(monkeypatch, rank):
+    """Rank 0 alone waits for a peer that never comes; rank 1 alone finds no rank 0 at the port."""
+    import socket
+    import time
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("SEPNET_RENDEZVOUS_TIMEOUT_S", "2")
+    t0 = time.monotonic()
+    with pytest.raises(RendezvousError) as info:
+        init_distributed()
+    assert time.monotonic() - t0 < 15
+    msg = str(info.value)
+    assert "\n" not in msg and f"rank {rank}/2" in msg and f"127.0.0.1:{port}" in msg and "within 2 s" in msg
+    assert not dist.is_initialized()

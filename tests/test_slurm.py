@@ -1,6 +1,7 @@
 """The real SLURM cluster (hpc/slurm-ci/start-slurm.sh with SLURM_CI_ACCOUNTING=1): checks before
-queueing, a 2-rank DDP training, a job array of 4 members, preemption + requeue + exact resumption,
-and a cancelled job reported as failed. Skipped where ``sbatch`` is missing."""
+queueing, the rendezvous settings in the job's environment (a port per job), a 2-rank DDP training,
+a job array of 4 members, preemption + requeue + exact resumption, and a cancelled job reported as
+failed. Skipped where ``sbatch`` is missing. Multi-node jobs: tests/test_multinode.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from sepnet.core.errors import SubmissionError
 from sepnet.hpc.checkpoint import load
+from sepnet.hpc.distributed import rendezvous_port
 from sepnet.hpc.executors import make_executor, submit_tasks, wait
 from sepnet.hpc.resources import ExecutorConfig
 from sepnet.jobs.config import MemberConfig, TrainingConfig
@@ -40,6 +42,20 @@ def sleeper(seconds):
     return "woke"
 
 
+def rendezvous_probe():
+    """Join the job's process group; return (SLURM job id, rank, the rendezvous variables it saw)."""
+    import os
+
+    from sepnet.hpc import distributed as ddp
+
+    env = ddp.init_distributed()
+    try:
+        keys = ("MASTER_PORT", "GLOO_SOCKET_IFNAME", "SEPNET_RENDEZVOUS_TIMEOUT_S")
+        return os.environ["SLURM_JOB_ID"], env.rank, {k: os.environ.get(k) for k in keys}
+    finally:
+        ddp.cleanup()
+
+
 def _squeue_count() -> int:
     return len(subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.splitlines())
 
@@ -57,6 +73,23 @@ def test_checks_before_queueing(slurm, tmp_path):
     with pytest.raises(SubmissionError, match="nodes"):
         make_executor(ExecutorConfig(kind="slurm", nodes=99), folder=tmp_path, name="x")
     assert _squeue_count() == before and not list(tmp_path.iterdir())
+
+
+def test_rendezvous_settings_reach_the_job_and_ports_differ_per_job(slurm, tmp_path):
+    cfg = ExecutorConfig(kind="slurm", tasks_per_node=2, time_min=10, gloo_socket_ifname="lo", rendezvous_timeout_s=45)
+    ex = make_executor(cfg, folder=tmp_path, name="probe")
+    jobs = [ex.submit(rendezvous_probe) for _ in range(2)]
+    report = wait(jobs, poll_s=1.0)
+    assert report.ok, report.failed
+    ports = set()
+    for job in jobs:
+        res = job.results()
+        assert sorted(r[1] for r in res) == [0, 1] and res[0][2] == res[1][2]
+        jid, _, env = res[0]
+        assert env == {"MASTER_PORT": str(rendezvous_port(jid)), "GLOO_SOCKET_IFNAME": "lo",
+                       "SEPNET_RENDEZVOUS_TIMEOUT_S": "45"}
+        ports.add(env["MASTER_PORT"])
+    assert len(ports) == 2
 
 
 def test_cancelled_job_is_reported_failed(slurm, tmp_path):

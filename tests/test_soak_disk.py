@@ -108,8 +108,6 @@ def test_full_disk_keeps_the_previous_checkpoint(small_fs, levels):
     print(f"\ncheckpoint soak: {levels} fill levels: {out}")
 
 
-@pytest.mark.xfail(strict=True, reason="hpc/checkpoint.save_atomic: torch.save reports a full disk as "
-                   "RuntimeError '[enforce fail at inline_container.cc] unexpected pos', not ENOSPC")
 def test_full_disk_checkpoint_error_names_the_cause(small_fs):
     fs = small_fs(512 * 1024)
     save_atomic(_state(1000, 0), fs / "last.pt")
