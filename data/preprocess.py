@@ -27,14 +27,12 @@ from sepnet.data.case import Case
 from sepnet.data.fingerprint import BODY_HU, compute_fingerprint
 from sepnet.data.prepare import STORE_VERSION, Plan, make_plan, prepare_case
 from sepnet.data.store import Store, array_checksum, read_group_attrs
-from sepnet.hpc.atomic import atomic_write_json, atomic_write_text
+from sepnet.hpc.atomic import atomic_write_json, atomic_write_text, replace_dir, temp_path
 
 log = logging.getLogger(__name__)
 
 FG_PER_CLASS = 1000  # foreground voxel coordinates kept per class per case (for the sampler)
 HU_SAMPLE_PER_CASE = 10000  # body HU values kept per case for pooled percentiles
-_TMP_PREFIX = ".tmp-"
-_OLD_PREFIX = ".old-"
 
 
 @dataclass
@@ -177,14 +175,7 @@ def _write_arrays(g, prepared, plan: Plan, fg: np.ndarray, hu_sample: np.ndarray
 
 def _commit(tmp: Path, case_dir: Path, case_id: str) -> None:
     """Move any previous version aside, rename the new one in, then drop the old one."""
-    old = None
-    if case_dir.exists():
-        old = case_dir.parent / f"{_OLD_PREFIX}{case_id}-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(case_dir, old)
-    os.replace(tmp, case_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, case_dir)
 
 
 def store_case(case: Case, store: str | os.PathLike, plan: Plan, *, source_hash: str = "") -> Path:
@@ -201,7 +192,7 @@ def store_case(case: Case, store: str | os.PathLike, plan: Plan, *, source_hash:
     stats, hu_sample = _case_stats(case, prepared.label)
     fg = _fg_coords(prepared.label, case_id=case.case_id)
     case_dir = Path(store) / "cases" / case.case_id
-    tmp = case_dir.parent / f"{_TMP_PREFIX}{case.case_id}-{os.getpid()}"
+    tmp = temp_path(case_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         g = zarr.open_group(tmp, mode="w")
@@ -281,7 +272,7 @@ def init_store(path: str | os.PathLike) -> Path:
         zarr.open_group(path / "cases", mode="a")
     # Leftovers of a crashed run (one writer per store, so nobody else owns them).
     for d in (path / "cases").iterdir():
-        if d.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
+        if d.name.startswith(".") and (".tmp-" in d.name or ".old-" in d.name):
             shutil.rmtree(d, ignore_errors=True)
     return path
 

@@ -11,7 +11,7 @@ Layout (a directory on local or shared disk)::
         attrs: channels, geometry (original), grid (geometry before the crop, after any resampling),
                spacing_zyx (stored), crop_box, original_shape, annotated, source_hash, plan_hash,
                stats (per-case fingerprint), checksums (see below), complete = true (set last)
-    <store>/cases/.tmp-<case>-<pid>/       a case being written (ignored by readers)
+    <store>/cases/.<case>.tmp-<pid>/       a case being written (dot names are ignored by readers)
     <store>/fingerprint.json               dataset fingerprint over the complete cases
     <store>/plan.json, plan.md             the preprocessing plan (``sepnet.data.prepare.Plan.to_dict``)
 

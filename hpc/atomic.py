@@ -14,10 +14,43 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def temp_path(path: str | os.PathLike) -> Path:
-    """The temporary sibling that an atomic write of ``path`` uses (same folder, so rename is atomic)."""
+def temp_path(path: str | os.PathLike, *, suffix: str = "") -> Path:
+    """The temporary sibling that an atomic write of ``path`` uses (same folder, so rename is atomic).
+
+    ``suffix``: an ending the temp name must keep (writers that pick the format from it, e.g. ".nii.gz").
+    """
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    stem = path.name[: -len(suffix)] if suffix and path.name.endswith(suffix) else path.name
+    return path.with_name(f".{stem}.tmp-{os.getpid()}{suffix}")
+
+
+def atomic_write_path(path: str | os.PathLike, write: Callable[[Path], Any], *, suffix: str = "") -> Path:
+    """Call ``write(tmp)`` for a library that writes to a file name itself (SimpleITK), then rename
+    ``tmp`` over ``path``. ``suffix`` as in :func:`temp_path`. On error ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path, suffix=suffix)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Commit a fully written folder ``tmp`` as ``final``: the old ``final`` (if any) is moved aside,
+    ``tmp`` renamed in, then the old one removed. A reader sees the old folder or the new one."""
+    import shutil
+
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *, fsync: bool = True) -> Path:

@@ -131,7 +131,7 @@ def test_interrupted_run_leaves_only_complete_cases(dataset, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         preprocess(ds, tmp_path / "store", **KW)
     names = sorted(p.name for p in (tmp_path / "store" / "cases").iterdir() if p.is_dir())
-    assert any(n.startswith(".tmp-case_01") for n in names), names  # the half case is on disk ...
+    assert any(n.startswith(".case_01.tmp-") for n in names), names  # the half case is on disk ...
     st = Store(tmp_path / "store")
     assert st.case_ids == ["case_00"]  # ... but not accepted
     with pytest.raises(DataError, match="case_01"):

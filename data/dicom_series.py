@@ -1,35 +1,25 @@
-"""DICOM CT series and RTSTRUCT: reading, rasterising contours, writing (pydicom + SimpleITK).
+"""DICOM CT series: finding DICOM files, grouping them into series, reading and writing one CT series.
 
-Reading a CT series: all CT slices of one SeriesInstanceUID are sorted by their position along the slice
-normal n = row x column (ImageOrientationPatient), read by SimpleITK's ImageSeriesReader in that order
-(it applies RescaleSlope/Intercept and decompresses), and rounded to int16 HU. The geometry is built
-from the headers: origin = ImagePositionPatient of the first sorted slice, spacing (x, y, z) =
+Reading: all CT slices of one SeriesInstanceUID are sorted by their position along the slice normal
+n = row x column (ImageOrientationPatient), read by SimpleITK's ImageSeriesReader in that order (it applies
+RescaleSlope/Intercept and decompresses); the caller rounds them to int16 HU. The geometry is built from
+the headers: origin = ImagePositionPatient of the first sorted slice, spacing (x, y, z) =
 (PixelSpacing[1], PixelSpacing[0], mean distance between slice positions), direction columns
 (row, column, n). DICOM patient coordinates are LPS, like SimpleITK. Because slices are sorted along n,
 a series always comes back with a right-handed direction; a left-handed volume written as DICOM reads
 back with its z axis reversed (same physical content, different array order).
 
-RTSTRUCT contours (CLOSED_PLANAR, mm) are mapped to continuous voxel indices of the CT grid; each
-contour must lie on one image plane (within 0.25 slice) and inside the image (voxel edges, index -0.5 ..
-n - 0.5), else a DataError: the label shares the CT grid, so a contour off it means the structure set was
-drawn on another scan. The CT series is the one the RTSTRUCT references (a reference to a series not in
-the folder is an error), else the only one in the folder (several is an error). A voxel is
-inside when its centre is inside the polygon; several contours of one ROI on one slice combine by
-even-odd (XOR), which is how holes are encoded. ROI names map to StructSeg ids by
-:func:`sepnet.data.organ_maps.match_roi_name`; unknown names are ignored.
+The CT series of a case folder is the one its RTSTRUCT references (a reference to a series not in the
+folder is an error), else the only one in the folder (several is an error); other modalities are skipped.
+Header checks (spacing, orientation, evenly spaced distinct slices) are listed in docs/conventions.md,
+"Input validation".
 
-Writing: a CT series (one file per slice, Explicit VR Little Endian, deterministic UIDs derived from the
-case id) and an RTSTRUCT whose contours are the iso-0.5 lines of each organ's mask per slice (marching
-squares via contourpy, a matplotlib dependency), with collinear points dropped, in mm. Re-rasterising
-those polygons gives back the mask up to marching-squares corner ambiguities (in practice identical for
-compact organs; the round trip is tested at Dice >= 0.9 and documented as not bit-exact).
+Writing: one file per slice, Explicit VR Little Endian, deterministic UIDs derived from the case id.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,18 +28,14 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from sepnet.core.errors import DataError
 from sepnet.data.case import Geometry
-from sepnet.data.organ_maps import MANDIBLE, match_roi_name
+from sepnet.hpc.atomic import atomic_write_path
 
 log = logging.getLogger(__name__)
-
-STUDY_COMPONENT_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"  # RTReferencedStudySequence's SOP class (DICOM PS3.3)
-
 
 # ----------------------------------------------------------------------------------------------- scanning
 
@@ -94,7 +80,8 @@ def find_dicom_files(root: Path, *, max_depth: int = 3, limit: int | None = None
     return sorted(out)
 
 
-def _header(path: Path) -> Dataset:
+def read_header(path: Path) -> Dataset:
+    """The header of a DICOM file (pixels not read); DataError naming the file if it is unreadable."""
     try:
         return pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except Exception as e:  # pydicom raises many types on a damaged file
@@ -129,7 +116,7 @@ def scan(root: Path, *, max_depth: int = 3) -> DicomScan:
     rts: list[tuple[Path, Dataset]] = []
     other: dict[str, int] = {}
     for f in find_dicom_files(root, max_depth=max_depth):
-        ds = _header(f)
+        ds = read_header(f)
         modality = str(getattr(ds, "Modality", "")).upper()
         if modality == "RTSTRUCT":
             rts.append((f, ds))
@@ -259,84 +246,6 @@ def read_ct_dir(root: Path) -> tuple[np.ndarray, CtSeries]:
     return read_series_pixels(ct, where=root), ct
 
 
-# ----------------------------------------------------------------------------------------------- RTSTRUCT read
-
-
-def _fill_polygon(ij: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Voxels (rows, cols) of a (ny, nx) slice whose centres lie inside the polygon ij = (N, 2) (i=col, j=row)."""
-    from matplotlib.path import Path as MplPath
-
-    ny, nx = shape
-    i0, j0 = np.floor(ij.min(axis=0)).astype(int)
-    i1, j1 = np.ceil(ij.max(axis=0)).astype(int)
-    i0, j0, i1, j1 = max(i0, 0), max(j0, 0), min(i1, nx - 1), min(j1, ny - 1)
-    if i1 < i0 or j1 < j0:
-        return np.empty(0, int), np.empty(0, int)
-    jj, ii = np.mgrid[j0 : j1 + 1, i0 : i1 + 1]
-    inside = MplPath(ij).contains_points(np.c_[ii.ravel(), jj.ravel()]).reshape(ii.shape)
-    return jj[inside], ii[inside]
-
-
-def rasterise_rtstruct(rt: Dataset, geometry: Geometry, *, path: Path) -> dict[str, np.ndarray]:
-    """ROI name -> bool mask (z, y, x) on the CT grid, for every ROI in the structure set (empty ones too)."""
-    names = {int(r.ROINumber): str(r.ROIName) for r in getattr(rt, "StructureSetROISequence", [])}
-    nz, ny, nx = geometry.shape
-    masks: dict[str, np.ndarray] = {}
-    for roi in getattr(rt, "ROIContourSequence", []):
-        name = names.get(int(roi.ReferencedROINumber))
-        if name is None:
-            continue
-        mask = masks.setdefault(name, np.zeros(geometry.shape, dtype=bool))
-        for c in getattr(roi, "ContourSequence", []):
-            if str(getattr(c, "ContourGeometricType", "CLOSED_PLANAR")).upper() != "CLOSED_PLANAR":
-                continue
-            pts = np.asarray([float(v) for v in c.ContourData], dtype=float).reshape(-1, 3)
-            if len(pts) < 3:
-                continue
-            ijk = geometry.physical_to_index(pts)
-            _check_contour(ijk, geometry.shape, path=path, roi=name)
-            k = int(np.round(np.median(ijk[:, 2])))
-            rr, cc = _fill_polygon(ijk[:, :2], (ny, nx))
-            mask[k, rr, cc] ^= True  # even-odd: an inner contour cuts a hole
-    for name in names.values():
-        masks.setdefault(name, np.zeros(geometry.shape, dtype=bool))  # ROI declared without contours
-    return masks
-
-
-CONTOUR_PLANE_TOL = 0.25  # slices: a contour farther than this from a CT slice plane is on another grid
-CONTOUR_EDGE_TOL = 0.01  # voxels beyond the image edge (index -0.5 .. n - 0.5) still accepted (rounding)
-
-
-def _check_contour(ijk: np.ndarray, shape: tuple[int, int, int], *, path: Path, roi: str) -> None:
-    """DataError unless a contour's continuous (x, y, z) indices lie on one slice plane inside the image."""
-    nz, ny, nx = shape
-    k = np.round(np.median(ijk[:, 2]))
-    if np.abs(ijk[:, 2] - k).max() > CONTOUR_PLANE_TOL:
-        raise DataError(f"{path}: ROI {roi!r} has a contour between CT slice planes (drawn on another grid)")
-    lo = -0.5 - CONTOUR_EDGE_TOL
-    hi = np.array([nx, ny]) - 0.5 + CONTOUR_EDGE_TOL
-    if not 0 <= k < nz or np.any(ijk[:, :2] < lo) or np.any(ijk[:, :2] > hi):
-        raise DataError(f"{path}: ROI {roi!r} has a contour outside the CT image")
-
-
-def rtstruct_organ_masks(rt: Dataset, geometry: Geometry, *, path: Path) -> dict[int, np.ndarray]:
-    """StructSeg id (or MANDIBLE) -> bool mask, for the ROIs whose names are recognised (unions if repeated)."""
-    out: dict[int, np.ndarray] = {}
-    for name, m in rasterise_rtstruct(rt, geometry, path=path).items():
-        organ = match_roi_name(name)
-        if organ is None:
-            log.debug("%s: ROI %r is not a StructSeg organ; ignored", path, name)
-            continue
-        if organ in out:
-            log.warning("%s: several ROIs map to organ %d; their union is used", path, organ)
-            out[organ] = out[organ] | m
-        else:
-            out[organ] = m
-    if MANDIBLE in out and (21 in out or 22 in out):
-        out.pop(MANDIBLE)  # sided mandible ROIs win over a whole one
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- writing
 
 
@@ -344,15 +253,14 @@ def _ds(v: float) -> str:
     return format_number_as_ds(float(v))
 
 
-def _uid(*parts: object) -> str:
-    # Deterministic UIDs: writing the same case twice gives identical files.
+def make_uid(*parts: object) -> str:
+    """A DICOM UID derived from ``parts``: writing the same case twice gives identical files."""
     return generate_uid(entropy_srcs=[str(p) for p in parts])
 
 
-def _save(ds: Dataset, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
+def save_dataset(ds: Dataset, path: Path) -> None:
+    """Save a DICOM Part-10 file atomically (temp file beside ``path``, then rename)."""
+    atomic_write_path(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
 
 
 def write_ct_series(image: np.ndarray, geometry: Geometry, out_dir: Path, *, case_id: str) -> CtSeries:
@@ -366,11 +274,11 @@ def write_ct_series(image: np.ndarray, geometry: Geometry, out_dir: Path, *, cas
     d = geometry.direction_matrix()
     lo, hi = int(image.min()), int(image.max())
     unsigned = lo >= -1024 and hi <= 65535 - 1024
-    study, series, frame = (_uid(case_id, k) for k in ("study", "ct-series", "frame"))
+    study, series, frame = (make_uid(case_id, k) for k in ("study", "ct-series", "frame"))
     iop = [_ds(v) for v in (*d[:, 0], *d[:, 1])]
     files, sops = [], []
     for k in range(nz):
-        sop = _uid(case_id, "ct", k)
+        sop = make_uid(case_id, "ct", k)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
         meta.MediaStorageSOPInstanceUID = sop
@@ -410,138 +318,7 @@ def write_ct_series(image: np.ndarray, geometry: Geometry, out_dir: Path, *, cas
             ds.RescaleIntercept = "0"
             ds.PixelData = sl.astype("<i2").tobytes()
         path = out_dir / f"CT_{k + 1:04d}.dcm"
-        _save(ds, path)
+        save_dataset(ds, path)
         files.append(path)
         sops.append(sop)
     return CtSeries(files, sops, series, study, frame, case_id, case_id, geometry)
-
-
-def _drop_collinear(p: np.ndarray) -> np.ndarray:
-    """Closed polygon (N, 2), last point != first: drop points on the straight line between their neighbours."""
-    if len(p) < 4:
-        return p
-    prev, nxt = np.roll(p, 1, axis=0), np.roll(p, -1, axis=0)
-    a, b = p - prev, nxt - p
-    cross = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]
-    keep = np.abs(cross) > 1e-9
-    return p[keep] if keep.sum() >= 3 else p
-
-
-def mask_contours(mask2d: np.ndarray) -> list[np.ndarray]:
-    """Closed iso-0.5 contours of a bool (y, x) mask as (N, 2) arrays of (i=col, j=row) voxel indices."""
-    import contourpy
-
-    jj, ii = np.nonzero(mask2d)
-    j0, i0 = max(jj.min() - 1, 0), max(ii.min() - 1, 0)
-    crop = mask2d[j0 : jj.max() + 2, i0 : ii.max() + 2]
-    crop = np.pad(crop, 1).astype(float)  # zero border: every contour closes
-    gen = contourpy.contour_generator(z=crop, name="serial", line_type="Separate")
-    out = []
-    for line in gen.lines(0.5):
-        line = np.asarray(line, dtype=float)
-        if len(line) > 1 and np.allclose(line[0], line[-1]):
-            line = line[:-1]
-        line = _drop_collinear(line)
-        if len(line) >= 3:
-            out.append(line + np.array([i0 - 1, j0 - 1]))
-    return out
-
-
-def _color(organ: int) -> list[int]:
-    rng = np.random.default_rng(organ)  # fixed colour per organ id
-    return [int(v) for v in rng.integers(40, 256, size=3)]
-
-
-def write_rtstruct_for_series(
-    label: np.ndarray, ct: CtSeries, out_path: Path, *, organ_names: dict[int, str], label_name: str = "sepnet"
-) -> Path:
-    """Write an RTSTRUCT for a uint8 (z, y, x) StructSeg label on the grid of a sorted CtSeries.
-
-    One ROI per entry of organ_names (id -> ROI name), in id order; an organ without voxels becomes an
-    ROI with no contours (annotated, absent).
-    """
-    g = ct.geometry
-    if tuple(label.shape) != tuple(g.shape):
-        raise DataError(f"{out_path}: label shape {label.shape} does not match the CT series {tuple(g.shape)}")
-    # UIDs depend on the content too: a prediction and a reference for one series never share a UID.
-    digest = hashlib.sha1(
-        np.ascontiguousarray(label, dtype=np.uint8).tobytes() + repr(sorted(organ_names.items())).encode()
-    )
-    sop = _uid(ct.series_uid, "rtstruct", label_name, digest.hexdigest())
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RTStructureSetStorage
-    meta.MediaStorageSOPInstanceUID = sop
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = RTStructureSetStorage
-    ds.SOPInstanceUID = sop
-    ds.Modality = "RTSTRUCT"
-    ds.StudyInstanceUID = ct.study_uid
-    ds.SeriesInstanceUID = _uid(ct.series_uid, "rtstruct-series", label_name, digest.hexdigest())
-    ds.PatientID, ds.PatientName = ct.patient_id, ct.patient_name
-    ds.StudyID = "1"
-    ds.SeriesNumber = 2
-    ds.InstanceNumber = 1
-    ds.StructureSetLabel = label_name[:16]
-    ds.StructureSetDate = ""
-    ds.StructureSetTime = ""
-
-    contour_images = Sequence()
-    for uid in ct.sop_uids:
-        ci = Dataset()
-        ci.ReferencedSOPClassUID = CTImageStorage
-        ci.ReferencedSOPInstanceUID = uid
-        contour_images.append(ci)
-    rs = Dataset()
-    rs.SeriesInstanceUID = ct.series_uid
-    rs.ContourImageSequence = contour_images
-    st = Dataset()
-    st.ReferencedSOPClassUID = STUDY_COMPONENT_MANAGEMENT
-    st.ReferencedSOPInstanceUID = ct.study_uid
-    st.RTReferencedSeriesSequence = Sequence([rs])
-    fr = Dataset()
-    fr.FrameOfReferenceUID = ct.frame_uid
-    fr.RTReferencedStudySequence = Sequence([st])
-    ds.ReferencedFrameOfReferenceSequence = Sequence([fr])
-
-    roi_seq, contour_seq, obs_seq = Sequence(), Sequence(), Sequence()
-    for n, (organ, name) in enumerate(sorted(organ_names.items()), start=1):
-        r = Dataset()
-        r.ROINumber = n
-        r.ReferencedFrameOfReferenceUID = ct.frame_uid
-        r.ROIName = name
-        r.ROIGenerationAlgorithm = "AUTOMATIC"
-        roi_seq.append(r)
-        o = Dataset()
-        o.ObservationNumber = n
-        o.ReferencedROINumber = n
-        o.RTROIInterpretedType = "ORGAN"
-        o.ROIInterpreter = ""
-        obs_seq.append(o)
-        rc = Dataset()
-        rc.ROIDisplayColor = _color(organ)
-        rc.ReferencedROINumber = n
-        contours = Sequence()
-        organ_mask = label == organ
-        for k in np.nonzero(organ_mask.any(axis=(1, 2)))[0]:
-            for ij in mask_contours(organ_mask[k]):
-                xyz = g.index_to_physical(np.c_[ij, np.full(len(ij), k)])
-                c = Dataset()
-                img_ref = Dataset()
-                img_ref.ReferencedSOPClassUID = CTImageStorage
-                img_ref.ReferencedSOPInstanceUID = ct.sop_uids[k]
-                c.ContourImageSequence = Sequence([img_ref])
-                c.ContourGeometricType = "CLOSED_PLANAR"
-                c.NumberOfContourPoints = len(xyz)
-                c.ContourData = [f"{v:.4f}" for v in xyz.ravel()]
-                contours.append(c)
-        if len(contours):
-            rc.ContourSequence = contours
-        contour_seq.append(rc)
-    ds.StructureSetROISequence = roi_seq
-    ds.ROIContourSequence = contour_seq
-    ds.RTROIObservationsSequence = obs_seq
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    _save(ds, out_path)
-    return out_path
