@@ -4,7 +4,7 @@
   returns ``time.time()`` at its start; latency = start - the moment before ``submit``.
 - MLflow (sqlite store in a temporary folder): cost per training step of (a) one ``log_batch`` of the
   per-step metrics (train_loss, lr) every step, and (b) the training job's buffered path
-  (``jobs.train._Tracker``-style: metrics appended, one ``log_batch`` per 500), as a share of one CPU training
+  (``jobs.tracking.RunTracker``-style: metrics appended, one ``log_batch`` per 500), as a share of one CPU training
   step of SepNet measured here (base 12, 16x64x64, batch 2; ``--quick``: tiny). A paper-size step is longer,
   so the share there is smaller.
 
@@ -143,7 +143,7 @@ def main() -> None:
         step = step_seconds(args.quick, 2 if args.quick else 3)
         table(["MLflow logging of per-step metrics (train_loss, lr), sqlite", "ms per step", "share of a step"], [
             ["one log_batch per step", 1000 * costs["a"], costs["a"] / step],
-            ["buffered, one log_batch per 500 metrics (train.py's _Tracker)", 1000 * costs["b"], costs["b"] / step],
+            ["buffered, one log_batch per 500 metrics (RunTracker)", 1000 * costs["b"], costs["b"] / step],
         ])
         print(f"Training step used as the denominator: {step:.3f} s (median; "
               f"{'SepNet base 4, 16x32x32' if args.quick else 'SepNet base 12, 16x64x64'}, batch 2, CPU).\n")

@@ -2,7 +2,10 @@
 
 ``load_config(path)`` reads YAML into :class:`StudyConfig`, checking every key and type;
 an unknown key, a missing required key or a wrong type raises :class:`ConfigError` naming
-the key path (``training.batch_size``) and the file.
+the key path (``training.batch_size``) and the file. Everything that can be checked without the
+data or the cluster is checked here, at load time: names against their one table (networks,
+losses, transforms, formats, executor kinds), sizes, ensemble weights, fold selection and the
+executor's limits (``sinfo`` checks stay at submission).
 """
 
 from __future__ import annotations
@@ -21,10 +24,6 @@ import yaml
 from sepnet.core.errors import ConfigError
 from sepnet.hpc.resources import ExecutorConfig
 
-NETWORK_NAMES = ("sepnet", "sepnet_se", "unet3d", "unet3d_res", "unet3d_se")
-LOSS_NAMES = ("dice", "exp_log", "ath_exp_log")
-TRANSFORM_NAMES = ("SLF1", "SLF2", "SLF3", "NLF1", "NLF2", "REF")
-
 
 @dataclass
 class PhantomConfig:
@@ -32,13 +31,13 @@ class PhantomConfig:
 
     cases: int = 6
     seed: int = 0
-    size: Literal["tiny", "small", "full"] = "small"
+    size: str = "small"  # a ``sepnet.data.phantom.SIZES`` name
 
 
 @dataclass
 class DatasetConfig:
     path: str
-    format: Literal["auto", "structseg", "pddca", "hanseg", "dicom"] = "auto"
+    format: str = "auto"  # "auto" or a ``sepnet.data.readers.FORMATS`` name
     phantom: PhantomConfig | None = None
 
 
@@ -109,13 +108,12 @@ class InferenceConfig:
 @dataclass
 class EnsembleConfig:
     weighting: Literal["rank", "equal"] = "rank"
-    rank_weights: list[float] | None = None  # None = paper's 5,4,3,1,1,1 (generalised for other N)
-    high_uncertainty_vvc: float = 0.2  # organs with VVC above this are flagged
+    rank_weights: list[float] | None = None  # one per member, best first; None = paper's 5,4,3,1,1,1 generalised
 
 
 @dataclass
 class EvaluationConfig:
-    hd_convention: Literal["max", "pooled"] = "max"
+    hd_convention: str = "max"  # a ``sepnet.evaluation.metrics.CONVENTIONS`` name
     percentile: float = 95.0
 
 
@@ -150,6 +148,11 @@ class StudyConfig:
 
     def models(self) -> list[MemberConfig]:
         return list(self.members) + list(self.baselines)
+
+    @property
+    def inference_patch(self) -> list[int]:
+        """The sliding-window patch (z, y, x) of validation, evaluation and predict (the one place it is resolved)."""
+        return list(self.inference.patch or self.training.patch)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -242,42 +245,124 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
 
 
 def _validate(cfg: StudyConfig) -> None:
+    if not cfg.datasets:
+        raise ConfigError("datasets: at least one dataset is needed")
+    _validate_names(cfg)
+    _validate_sizes(cfg)
+    _validate_folds(cfg)
+    _validate_ensemble(cfg)
+    _validate_executor(cfg)
+
+
+def _known(key: str, value: str, table: tuple[str, ...], noun: str) -> None:
+    if value not in table:
+        raise ConfigError(f"{key}: unknown {noun} {value!r}; known: {', '.join(table)}")
+
+
+def _validate_names(cfg: StudyConfig) -> None:
+    """Names against their one table each; model names unique; members' transforms preprocessed."""
+    from sepnet.core.intensity import PRESETS
+    from sepnet.core.losses import LOSSES
+    from sepnet.core.networks import NETWORKS
+    from sepnet.data.phantom import SIZES
+    from sepnet.data.readers import FORMATS
+    from sepnet.evaluation.metrics import CONVENTIONS
+
     names = [m.name for m in cfg.models()]
-    dup = {n for n in names if names.count(n) > 1}
+    dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ConfigError(f"members/baselines: duplicate model name {sorted(dup)[0]!r}")
+        raise ConfigError(f"members/baselines: duplicate model name {dup[0]!r}")
+    for i, d in enumerate(cfg.datasets):
+        _known(f"datasets[{i}].format", d.format, ("auto", *FORMATS), "format")
+        if d.phantom is not None:
+            _known(f"datasets[{i}].phantom.size", d.phantom.size, tuple(SIZES), "phantom size")
+    _known("evaluation.hd_convention", cfg.evaluation.hd_convention, CONVENTIONS, "convention")
+    for t in cfg.preprocess.transforms:
+        _known("preprocess.transforms", t, tuple(PRESETS), "transform")
     for i, m in enumerate(cfg.models()):
         sect = f"members[{i}]" if i < len(cfg.members) else f"baselines[{i - len(cfg.members)}]"
-        if m.network not in NETWORK_NAMES:
-            raise ConfigError(f"{sect}.network: unknown network {m.network!r}; known: {', '.join(NETWORK_NAMES)}")
-        if m.loss not in LOSS_NAMES:
-            raise ConfigError(f"{sect}.loss: unknown loss {m.loss!r}; known: {', '.join(LOSS_NAMES)}")
-        if m.transform not in TRANSFORM_NAMES:
-            raise ConfigError(
-                f"{sect}.transform: unknown transform {m.transform!r}; known: {', '.join(TRANSFORM_NAMES)}"
-            )
+        _known(f"{sect}.network", m.network, NETWORKS, "network")
+        _known(f"{sect}.loss", m.loss, LOSSES, "loss")
+        _known(f"{sect}.transform", m.transform, tuple(PRESETS), "transform")
         if m.transform not in cfg.preprocess.transforms:
             raise ConfigError(
                 f"{sect}.transform: {m.transform!r} is not in preprocess.transforms {cfg.preprocess.transforms}"
             )
         if m.alpha <= 0:
             raise ConfigError(f"{sect}.alpha: must be > 0, got {m.alpha}")
-    for t in cfg.preprocess.transforms:
-        if t not in TRANSFORM_NAMES:
-            raise ConfigError(f"preprocess.transforms: unknown transform {t!r}; known: {', '.join(TRANSFORM_NAMES)}")
+        if m.base is not None and m.base < 1:
+            raise ConfigError(f"{sect}.base: must be >= 1, got {m.base}")
+
+
+def _positive(key: str, values: list | None, n: int, what: str) -> None:
+    if values is not None and (len(values) != n or any(v <= 0 for v in values)):
+        raise ConfigError(f"{key}: expected {n} positive {what}, got {values}")
+
+
+def _validate_sizes(cfg: StudyConfig) -> None:
+    """Patches, crop, spacing, chunks and counts: positive and of the right length."""
     p = cfg.training.patch
-    if len(p) != 3 or any(v <= 0 for v in p):
-        raise ConfigError(f"training.patch: expected 3 positive sizes (z, y, x), got {p}")
+    _positive("training.patch", p, 3, "sizes (z, y, x)")
     if p[0] % 8:
         raise ConfigError(f"training.patch: depth {p[0]} must be divisible by 8 (three 2x poolings along z)")
     if p[1] % 8 or p[2] % 8:
         raise ConfigError(f"training.patch: in-plane size {p[1:]} must be divisible by 8")
-    if cfg.folds.k < 2 and cfg.folds.split_file is None:
-        raise ConfigError(f"folds.k: need at least 2 folds, got {cfg.folds.k}")
+    _positive("inference.patch", cfg.inference.patch, 3, "sizes (z, y, x)")
+    _positive("preprocess.crop", cfg.preprocess.crop, 2, "sizes (y, x)")
+    _positive("preprocess.spacing", cfg.preprocess.spacing, 3, "spacings (z, y, x) in mm")
+    _positive("preprocess.chunks", cfg.preprocess.chunks, 4, "sizes (channel, z, y, x)")
+    tr = cfg.training
+    for key in ("base", "batch_size", "epochs", "iterations_per_epoch", "lr_step_epochs", "val_every",
+                "checkpoint_every", "grad_accum"):
+        if getattr(tr, key) < 1:
+            raise ConfigError(f"training.{key}: must be >= 1, got {getattr(tr, key)}")
+    if tr.num_workers < 0:
+        raise ConfigError(f"training.num_workers: must be >= 0, got {tr.num_workers}")
+    if not 0 <= tr.foreground_fraction <= 1:
+        raise ConfigError(f"training.foreground_fraction: must be in [0, 1], got {tr.foreground_fraction}")
     if not 0 < cfg.inference.overlap < 1:
         raise ConfigError(f"inference.overlap: must be in (0, 1), got {cfg.inference.overlap}")
-    if not cfg.datasets:
-        raise ConfigError("datasets: at least one dataset is needed")
+    if cfg.inference.batch_size < 1:
+        raise ConfigError(f"inference.batch_size: must be >= 1, got {cfg.inference.batch_size}")
+
+
+def _validate_folds(cfg: StudyConfig) -> None:
+    """k and the fold selection, where knowable without the data (k folds unless a split file is given)."""
+    fc = cfg.folds
+    if fc.k < 2 and fc.split_file is None:
+        raise ConfigError(f"folds.k: need at least 2 folds, got {fc.k}")
+    if not 0 <= fc.val_fraction < 1:
+        raise ConfigError(f"folds.val_fraction: must be in [0, 1), got {fc.val_fraction}")
+    if fc.folds is None:
+        return
+    if not fc.folds:
+        raise ConfigError("folds.folds: empty selection (omit the key to run all folds)")
+    if len(set(fc.folds)) != len(fc.folds):
+        raise ConfigError(f"folds.folds: fold listed twice in {fc.folds}")
+    for f in fc.folds:
+        if f < 0 or (fc.split_file is None and f >= fc.k):
+            raise ConfigError(f"folds.folds: fold {f} does not exist (folds.k is {fc.k}: 0..{fc.k - 1})")
+
+
+def _validate_ensemble(cfg: StudyConfig) -> None:
+    w = cfg.ensemble.rank_weights
+    if w is None:
+        return
+    if len(w) != len(cfg.members):
+        raise ConfigError(f"ensemble.rank_weights: {len(w)} weights for {len(cfg.members)} members (one per rank)")
+    if any(v < 0 for v in w) or not any(v > 0 for v in w):
+        raise ConfigError(f"ensemble.rank_weights: weights must be >= 0 and not all 0, got {w}")
+
+
+def _validate_executor(cfg: StudyConfig) -> None:
+    """The executor's limits that need no cluster (kind, counts, nodes of local runs, local GPUs)."""
+    from sepnet.core.errors import SubmissionError
+    from sepnet.hpc.executors import check_config
+
+    try:
+        check_config(cfg.executor)
+    except SubmissionError as e:
+        raise ConfigError(str(e)) from None
 
 
 def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> StudyConfig:
@@ -325,6 +410,13 @@ def load_config(path: str | Path, *, overrides: dict[str, Any] | None = None) ->
     cfg.source_path = str(path.resolve())
     cfg.source_text = text
     return cfg
+
+
+def dump_config(cfg: StudyConfig) -> str:
+    """YAML text of the resolved config (overrides applied, paths absolute) that ``load_config`` reads back
+    into an equal config."""
+    header = f"# resolved config of study {cfg.name!r}" + (f" (from {cfg.source_path})" if cfg.source_path else "")
+    return header + "\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:

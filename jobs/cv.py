@@ -4,7 +4,8 @@ Plan -> data (phantom on first run, preprocessing of what is missing) -> trainin
 (folds x members x baselines) -> per-fold evaluation + ensemble jobs (after their trainings)
 -> the cross-fold report (after the evaluations). A rerun skips every finished piece
 (store cases, trained models with ``done.json``, evaluated folds, the report) and resubmits
-what failed or is missing; MLflow runs are looked up by key, never duplicated.
+what failed or is missing; MLflow runs are looked up by key, never duplicated. The resolved config
+(after ``--set`` overrides) is written to ``<root>/study.yaml`` before anything is submitted.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from typing import Any
 import yaml
 
 from sepnet.core.errors import ConfigError, DataError, SepnetError
-from sepnet.jobs.config import StudyConfig, load_config
-from sepnet.jobs.study import Layout, atomic_write_json, load_or_make_folds, selected_folds
+from sepnet.hpc.atomic import atomic_write_json, atomic_write_text
+from sepnet.jobs.config import StudyConfig, dump_config, load_config
+from sepnet.jobs.study import Layout, load_or_make_folds, selected_folds
 
 log = logging.getLogger("sepnet.cv")
 
@@ -32,11 +34,6 @@ log = logging.getLogger("sepnet.cv")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="study YAML (see configs/quickstart.yaml)")
     p.add_argument("--dry-run", action="store_true", help="print the job graph and resource totals, run nothing")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an earlier run (the default behaviour: finished pieces are always skipped)",
-    )
     p.add_argument("--detach", action="store_true", help="submit and return at once; see `sepnet status STUDY`")
     p.add_argument(
         "--set",
@@ -129,6 +126,7 @@ def describe_plan(cfg: StudyConfig, folds: list[dict], fold_ids: list[int], jobs
 def prepare_data(cfg: StudyConfig, *, progress: bool = True) -> list[str]:
     """Generate phantom datasets when missing, preprocess what the store lacks; return the store's case ids."""
     from sepnet.data import store as store_mod
+    from sepnet.data.preprocess import preprocess
 
     layout = Layout(Path(cfg.root))
     pp = cfg.preprocess
@@ -142,7 +140,7 @@ def prepare_data(cfg: StudyConfig, *, progress: bool = True) -> list[str]:
             write_phantom(path, cases=ds.phantom.cases, seed=ds.phantom.seed, size=ds.phantom.size, format=fmt)
         if not path.exists():
             raise DataError(f"{path}: dataset folder does not exist")
-        report = store_mod.preprocess(
+        report = preprocess(
             path,
             layout.store,
             format=ds.format,
@@ -224,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
     for ds in cfg.datasets:
         if ds.phantom is None and not Path(ds.path).exists():
             raise DataError(f"{ds.path}: dataset folder does not exist")
+    atomic_write_text(layout.resolved_config, dump_config(cfg))  # before anything is submitted
     if args.detach and cfg.executor.kind != "slurm":
         return _spawn_detached(args, layout)
 

@@ -1,19 +1,26 @@
-"""The typed model spec: how to rebuild one trained network without the study config.
+"""The typed specs of a trained model.
 
-Written once, by the training job, as ``<root>/models/fold<F>/<model>/spec.json``; read by
-evaluation, ``sepnet predict`` and export through :meth:`ModelSpec.read`. Nothing else writes it
-and nothing merges it with other sources.
+:class:`ModelSpec`: how to rebuild one trained network without the study config. Written once, by
+the training job, as ``<root>/models/fold<F>/<model>/spec.json``; read by evaluation, ``sepnet
+predict`` and export through :meth:`ModelSpec.read`. Nothing else writes it and nothing merges it
+with other sources.
+
+:class:`TrainSpec`: everything one training job needs, built from a study config by the one factory
+:func:`train_spec` (used by ``sepnet train`` and ``sepnet cv``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from sepnet.core.errors import DataError
+from sepnet.core.errors import DataError, SubmissionError
+from sepnet.core.organs import NUM_CLASSES, ORGAN_IDS
 from sepnet.hpc.atomic import atomic_write_json
+from sepnet.jobs.config import MemberConfig, StudyConfig, TrainingConfig
 
 SPEC_FILE = "spec.json"
 SPEC_VERSION = 1
@@ -92,3 +99,105 @@ class ModelSpec:
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: unreadable model spec ({e})") from None
         return cls.from_dict(d, source=str(path))
+
+
+@dataclass
+class TrainSpec:
+    """Everything one training job needs; small and picklable (no arrays, no open handles).
+
+    study_root: the study folder (outputs go to ``models/fold<fold>/<member>/`` below it).
+    store: the Zarr store path. train_cases / val_cases: case ids of this fold.
+    kind: "member" (of the ensemble) or "baseline". num_classes / organ_ids: output classes incl.
+    background and the organ id of each class 1..num_classes-1 (``sepnet.core.organs``).
+    mlflow_uri: tracking URI (None = no MLflow). experiment: MLflow experiment name.
+    config_text: the study YAML as written, logged verbatim as an artifact.
+    val_patch / val_overlap: sliding-window size (z, y, x) and overlap of validation (None = the
+    training patch); a patch covering the whole volume makes validation one forward pass.
+    stop_after: stop after this iteration with ``last.pt`` saved and no ``done.json`` (budgeted
+    runs; tests of resumption). sleep_s: pause per iteration (tests of preemption).
+    """
+
+    study_root: str
+    store: str
+    member: MemberConfig
+    training: TrainingConfig
+    fold: int
+    train_cases: list[str]
+    val_cases: list[str]
+    kind: str = "member"
+    num_classes: int = NUM_CLASSES
+    organ_ids: tuple[int, ...] = ORGAN_IDS
+    mlflow_uri: str | None = None
+    experiment: str = "sepnet"
+    parent_run_id: str | None = None
+    config_text: str | None = None
+    study_name: str = "study"
+    val_patch: list[int] | None = None
+    val_overlap: float = 0.5
+    stop_after: int | None = None
+    sleep_s: float = 0.0
+    extra_tags: dict[str, str] = field(default_factory=dict)
+    threads: int | None = None  # torch intra-op threads (executor.cpus_per_task); None = SLURM's or torch's
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.study_root) / "models" / f"fold{self.fold}" / self.member.name
+
+    @property
+    def channels(self) -> list[str]:
+        return [self.member.transform]
+
+    @property
+    def base(self) -> int:
+        return self.member.base or self.training.base
+
+    @property
+    def run_key(self) -> str:
+        return f"{self.study_name}/fold{self.fold}/{self.member.name}"
+
+    @property
+    def total_iterations(self) -> int:
+        return self.training.epochs * self.training.iterations_per_epoch
+
+    def model_spec(self) -> ModelSpec:
+        """The typed spec.json of the model this job trains."""
+        m = self.member
+        return ModelSpec(name=m.name, kind=self.kind, network=m.network, base=self.base,
+                         separable_axis=m.separable_axis, channels=tuple(self.channels), loss=m.loss,
+                         alpha=m.alpha, num_classes=self.num_classes, organ_ids=tuple(self.organ_ids),
+                         patch=tuple(self.training.patch))
+
+
+def train_spec(cfg: StudyConfig, *, model: str, fold: int, folds: list[dict] | None = None,
+               parent_run_id: str | None = None) -> TrainSpec:
+    """The TrainSpec of ``model`` (member or baseline name) x ``fold`` of a loaded study config.
+
+    folds: the study's split (None = read it from the store via ``load_or_make_folds``; the store must
+    exist). Validation uses the config's inference patch and overlap. SubmissionError for an unknown
+    model or fold, or a missing store.
+    """
+    from sepnet.jobs import tracking
+    from sepnet.jobs.study import Layout, load_or_make_folds
+
+    models = {m.name: m for m in cfg.models()}
+    if model not in models:
+        raise SubmissionError(f"{cfg.source_path or 'config'}: unknown member {model!r}; "
+                              f"known: {', '.join(models) or '(none)'}")
+    layout = Layout(Path(cfg.root))
+    if folds is None:
+        from sepnet.data.store import Store
+
+        if not layout.store.is_dir():
+            raise SubmissionError(f"{layout.store}: store not found; run `sepnet preprocess` or `sepnet cv` first")
+        folds = load_or_make_folds(cfg, Store(layout.store).case_ids)
+    if not 0 <= fold < len(folds):
+        raise SubmissionError(f"--fold {fold}: the split has folds 0..{len(folds) - 1}")
+    f = folds[fold]
+    return TrainSpec(
+        study_root=str(layout.root), store=str(layout.store), member=models[model],
+        training=dataclasses.replace(cfg.training), fold=fold, train_cases=list(f["train"]),
+        val_cases=list(f["val"]), kind="member" if model in {m.name for m in cfg.members} else "baseline",
+        mlflow_uri=tracking.resolve_uri(cfg), experiment=cfg.mlflow.experiment or cfg.name,
+        parent_run_id=parent_run_id, config_text=cfg.source_text, study_name=cfg.name,
+        val_patch=list(cfg.inference_patch), val_overlap=cfg.inference.overlap, threads=cfg.executor.cpus_per_task,
+    )

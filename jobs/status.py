@@ -4,43 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 from sepnet.core.errors import DataError
+from sepnet.hpc.scheduling import pid_alive, slurm_states
 from sepnet.jobs.study import Layout
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", help="study folder (the config's root) or the study YAML")
-
-
-def _slurm_states(ids: list[str]) -> dict[str, str]:
-    if not ids or shutil.which("sacct") is None:
-        return {}
-    try:
-        out = subprocess.run(
-            ["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(ids)],
-            capture_output=True, text=True, timeout=20, check=False,
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    states = {}
-    for line in out.splitlines():
-        if "|" in line:
-            jid, st = line.split("|", 1)
-            states[jid.strip()] = st.split()[0] if st.strip() else "UNKNOWN"
-    return states
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except (OSError, ValueError):
-        return False
 
 
 def study_status(root: Path) -> list[tuple[str, str, str]]:
@@ -51,7 +23,7 @@ def study_status(root: Path) -> list[tuple[str, str, str]]:
     submitted = {}
     if layout.jobs_file.is_file():
         submitted = json.loads(layout.jobs_file.read_text()).get("jobs", {})
-    slurm = _slurm_states([j["job_id"] for j in submitted.values() if j.get("executor") == "slurm"])
+    slurm = slurm_states([j["job_id"] for j in submitted.values() if j.get("executor") == "slurm"])
     rows = []
     names = set(submitted)
     models_dir = root / "models"
@@ -73,7 +45,7 @@ def study_status(root: Path) -> list[tuple[str, str, str]]:
             state = "done"
         elif info.get("executor") == "slurm":
             state = slurm.get(jid, "submitted").lower()
-        elif jid.isdigit() and _pid_alive(int(jid)):
+        elif jid.isdigit() and pid_alive(int(jid)):
             state = "running"
         elif jid:
             state = "not running (rerun `sepnet cv` to resume)"
@@ -103,5 +75,5 @@ def run(args: argparse.Namespace) -> int:
     if ctl.is_file():
         pid = json.loads(ctl.read_text()).get("controller_pid")
         if pid:
-            print(f"background controller pid {pid}: {'running' if _pid_alive(pid) else 'exited'}")
+            print(f"background controller pid {pid}: {'running' if pid_alive(pid) else 'exited'}")
     return 0

@@ -6,42 +6,14 @@ Paths (all under ``StudyConfig.root``) are described in docs/architecture.md.
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from sepnet.core.errors import ConfigError, DataError
-from sepnet.jobs.config import MemberConfig, StudyConfig
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+from sepnet.hpc.atomic import atomic_write_json
+from sepnet.jobs.config import StudyConfig
 
 
 @dataclass(frozen=True)
@@ -150,15 +122,3 @@ def selected_folds(cfg: StudyConfig, folds: list) -> list[int]:
         if not 0 <= f < len(folds):
             raise ConfigError(f"folds.folds: fold {f} does not exist (the split has {len(folds)})")
     return list(chosen)
-
-
-def model_spec(cfg: StudyConfig, member: MemberConfig) -> dict[str, Any]:
-    """What is needed to rebuild a trained model without the study config (written beside checkpoints)."""
-    return {
-        "member": asdict(member),
-        "base": member.base or cfg.training.base,
-        "channels": [member.transform],
-        "num_classes": 23,
-        "patch": list(cfg.inference.patch or cfg.training.patch),
-        "kind": "member" if member in cfg.members else "baseline",
-    }

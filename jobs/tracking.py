@@ -7,13 +7,18 @@ All functions take an explicit ``MlflowClient``: nothing touches MLflow's global
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from sepnet.jobs.config import StudyConfig, flatten
+
+log = logging.getLogger(__name__)
 
 KEY_TAG = "sepnet.key"
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value (characters)
@@ -128,3 +133,65 @@ def git_commit(path: str | Path | None = None) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+class RunTracker:
+    """One MLflow run fed by a long job: metrics buffered and sent in batches.
+
+    Disabled (every call a no-op) when ``uri`` is None or ``enabled`` is false (DDP ranks other than 0).
+    The run is found again by ``key`` (a resumed job continues its run). A tracking failure after the
+    start is logged and does not stop the job.
+    """
+
+    BUFFER = 500  # metrics kept before a flush
+    _LOG_BATCH = 1000  # MLflow's limit on metrics per log_batch call
+
+    def __init__(self, uri: str | None, *, enabled: bool, experiment: str, key: str, name: str,
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                 params: dict[str, Any] | None = None, config_text: str | None = None):
+        self.client: Any = None
+        self.run_id: str | None = None
+        self._buf: list[Any] = []
+        if not enabled or not uri:
+            return
+        self.client = client(uri)
+        exp = ensure_experiment(self.client, experiment)
+        tags = dict(tags or {})
+        commit = git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+            tags["sepnet.git_commit"] = commit
+        self.run_id = get_or_create_run(self.client, exp, key=key, name=name, parent_run_id=parent_run_id,
+                                        tags=tags)
+        if params:
+            log_params_flat(self.client, self.run_id, params)
+        if config_text:
+            log_config_text(self.client, self.run_id, config_text)
+
+    def metric(self, key: str, value: float, step: int) -> None:
+        """Buffer one metric value (non-finite values are dropped)."""
+        if self.client is None or not math.isfinite(value):
+            return
+        from mlflow.entities import Metric
+
+        self._buf.append(Metric(key, float(value), int(time.time() * 1000), int(step)))
+        if len(self._buf) >= self.BUFFER:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.client is None or not self._buf:
+            return
+        try:
+            for i in range(0, len(self._buf), self._LOG_BATCH):
+                self.client.log_batch(self.run_id, metrics=self._buf[i : i + self._LOG_BATCH])
+        except Exception as exc:  # noqa: BLE001 - tracking must not kill a long training
+            log.warning("MLflow logging failed (%s); continuing", exc)
+        self._buf = []
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.flush()
+        if self.client is not None:
+            try:
+                self.client.set_terminated(self.run_id, status=status)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("MLflow set_terminated failed (%s)", exc)

@@ -119,8 +119,8 @@ TINY_SHAPE = (16, 40, 40)  # (z, y, x)
 def make_tiny_store(root: Path, *, cases: int = 4) -> Path:
     """Write ``cases`` tiny labelled cases and preprocess them (SLF1 only, no crop) into ``root/store``."""
     from sepnet.data.phantom import make_case
+    from sepnet.data.preprocess import preprocess
     from sepnet.data.readers import write_case
-    from sepnet.data.store import preprocess
 
     dataset = root / "dataset"
     for i in range(cases):

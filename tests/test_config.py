@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from sepnet.core.errors import ConfigError
-from sepnet.jobs.config import config_from_dict, flatten, load_config
+from sepnet.jobs.config import config_from_dict, dump_config, flatten, load_config
 from sepnet.jobs.study import make_folds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +60,19 @@ def test_paper_protocol_defaults():
         ({"members": [{"name": "a", "transform": "NLF1"}]}, "not in preprocess.transforms"),
         ({"members": [{"name": "a"}, {"name": "a"}]}, "duplicate model name 'a'"),
         ({"bogus": 1}, "unknown key bogus"),
+        # checked at load time, not in the middle of a study
+        ({"ensemble": {"rank_weights": [3, 1]}}, "ensemble.rank_weights: 2 weights for 1 members"),
+        ({"ensemble": {"rank_weights": [0]}}, "not all 0"),
+        ({"folds": {"k": 3, "folds": [0, 3]}}, "folds.folds: fold 3 does not exist (folds.k is 3: 0..2)"),
+        ({"folds": {"folds": [1, 1]}}, "fold listed twice"),
+        ({"preprocess": {"crop": [256, 0]}}, "preprocess.crop: expected 2 positive sizes"),
+        ({"preprocess": {"spacing": [3.0, 1.0]}}, "preprocess.spacing: expected 3 positive"),
+        ({"inference": {"patch": [16, -8, 128]}}, "inference.patch: expected 3 positive"),
+        ({"training": {"batch_size": 0}}, "training.batch_size: must be >= 1"),
+        ({"datasets": [{"path": "d", "format": "nifti"}]}, "datasets[0].format: unknown format 'nifti'"),
+        ({"preprocess": {"transforms": ["SLF9"]}}, "preprocess.transforms: unknown transform 'SLF9'"),
+        ({"executor": {"kind": "local", "nodes": 2}}, "executor.nodes: the local executor runs on one node"),
+        ({"executor": {"kind": "slurm", "cpus_per_task": 0}}, "executor.cpus_per_task: must be >= 1"),
     ],
 )
 def test_bad_config_names_the_key(patch, message):
@@ -114,3 +127,33 @@ def test_folds_partition_cases():
         assert len(f["val"]) == 2
     assert folds == make_folds(ids, k=5, seed=3, val_fraction=0.25)
     assert folds != make_folds(ids, k=5, seed=4, val_fraction=0.25)
+
+
+def test_name_tables_are_the_cores(tmp_path):
+    from sepnet.core.intensity import PRESETS
+    from sepnet.core.losses import LOSSES
+    from sepnet.core.networks import NETWORKS
+
+    # every name of each table is accepted (no second list in the config module to fall behind)
+    members = [{"name": f"{n}-{l}-{t}", "network": n, "loss": l, "transform": t}
+               for n in NETWORKS for l in LOSSES for t in PRESETS]
+    cfg = config_from_dict(minimal(members=members, preprocess={"transforms": list(PRESETS)}))
+    assert len(cfg.members) == len(NETWORKS) * len(LOSSES) * len(PRESETS)
+
+
+def test_inference_patch_resolved_in_one_place():
+    assert config_from_dict(minimal()).inference_patch == [16, 128, 128]  # training.patch
+    cfg = config_from_dict(minimal(inference={"patch": [32, 64, 64]}))
+    assert cfg.inference_patch == [32, 64, 64]
+
+
+def test_dump_config_round_trips(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(minimal(folds={"k": 3, "folds": [2]})))
+    cfg = load_config(p, overrides={"training.epochs": 3, "ensemble.rank_weights": [2.0]})
+    out = tmp_path / "elsewhere" / "resolved.yaml"
+    out.parent.mkdir()
+    out.write_text(dump_config(cfg))
+    again = load_config(out)  # loads from another folder: paths were written absolute
+    assert again.to_dict() == cfg.to_dict() and again.digest() == cfg.digest()
+    assert again.training.epochs == 3 and again.root == str(tmp_path / "study")

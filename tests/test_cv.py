@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 from conftest import write_tiny_study
 
+from sepnet.core.organs import NUM_CLASSES, NUM_ORGANS
 from sepnet.jobs.cli import main
 from sepnet.jobs.config import load_config
+from sepnet.jobs.spec import ModelSpec
 from sepnet.jobs.tracking import KEY_TAG, client, resolve_uri
 
 MODELS = ["sep-slf1-a05", "sep-slf2-a1", "unet3d"]
@@ -57,7 +59,7 @@ def test_study_end_to_end_on_the_local_executor(trained_study):
     n_test = sum(len(f["test"]) for f in folds)
     assert n_test == 4
     per_model = Counter(r["model"] for r in rows)
-    assert per_model == {m: n_test * 22 for m in [*MODELS, "ensemble"]}
+    assert per_model == {m: n_test * NUM_ORGANS for m in [*MODELS, "ensemble"]}
     # the report: tables, claims, figures; parameters of each model
     report = root / "report"
     md = (report / "report.md").read_text()
@@ -76,6 +78,11 @@ def test_study_end_to_end_on_the_local_executor(trained_study):
     src = sitk.ReadImage(str(trained_study.parent / "data" / case / "data.nii.gz"))
     assert lab.GetSize() == src.GetSize() and lab.GetSpacing() == pytest.approx(src.GetSpacing())
     assert lab.GetOrigin() == pytest.approx(src.GetOrigin())
+    # the study keeps its resolved config, loadable as it is
+    assert load_config(root / "study.yaml").to_dict() == load_config(trained_study).to_dict()
+    # one model spec per model, written by its training job
+    spec = ModelSpec.read(root / "models" / "fold0" / "unet3d")
+    assert (spec.kind, spec.network, spec.channels, spec.num_classes) == ("baseline", "unet3d", ("SLF1",), NUM_CLASSES)
     # MLflow: the run tree, each run exactly once
     keys = run_keys(trained_study)
     assert set(keys) == expected_keys("tiny")
@@ -110,6 +117,7 @@ def test_interrupted_study_resumes(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the controller and its running jobs
         proc.wait()
+    assert load_config(root / "study.yaml").folds.folds == [0]  # written before any job, overrides applied
     first = {p: p.stat().st_mtime_ns for p in root.glob("models/*/*/done.json")}
     assert 0 < len(first) < 3 and not (root / "report" / "report.json").exists()
     assert main(["cv", str(cfg), *one_fold]) == 0

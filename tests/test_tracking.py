@@ -74,3 +74,26 @@ def test_params_and_config_on_mlflow_server(mlflow_server, tmp_path):
     tracking.log_config_text(c, run, text)
     path = c.download_artifacts(run, "config.yaml", str(tmp_path))
     assert open(path).read() == text
+
+
+def test_run_tracker_buffers_and_resumes_its_run(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    off = tracking.RunTracker(uri, enabled=False, experiment="e", key="k", name="n")  # e.g. DDP rank 1
+    off.metric("loss", 1.0, 1)
+    off.finish()
+    assert off.run_id is None and not (tmp_path / "mlflow.db").exists()
+    monkeypatch.setattr(tracking.RunTracker, "BUFFER", 3)
+    t = tracking.RunTracker(uri, enabled=True, experiment="e", key="s/fold0/m", name="fold0/m",
+                            tags={"sepnet.fold": "0"}, params={"training": {"lr": 0.001}}, config_text="a: 1\n")
+    c = tracking.client(uri)
+    for step in range(1, 5):
+        t.metric("loss", 1.0 / step, step)
+    t.metric("loss", float("nan"), 5)  # dropped, not sent
+    assert [m.step for m in c.get_metric_history(t.run_id, "loss")] == [1, 2, 3]  # the first full buffer
+    t.finish()
+    run = c.get_run(t.run_id)
+    assert [m.step for m in c.get_metric_history(t.run_id, "loss")] == [1, 2, 3, 4]
+    assert run.info.status == "FINISHED" and run.data.params["training.lr"] == "0.001"
+    assert run.data.tags["sepnet.fold"] == "0" and run.data.tags[tracking.KEY_TAG] == "s/fold0/m"
+    again = tracking.RunTracker(uri, enabled=True, experiment="e", key="s/fold0/m", name="fold0/m")
+    assert again.run_id == t.run_id and c.get_run(t.run_id).info.status == "RUNNING"  # a resumed job's run

@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 import torch
 
+from sepnet.core.organs import NUM_CLASSES, ORGAN_IDS
 from sepnet.hpc.checkpoint import load
 from sepnet.hpc.executors import make_executor, wait
 from sepnet.hpc.resources import ExecutorConfig
 from sepnet.jobs import cli
 from sepnet.jobs.config import MemberConfig, TrainingConfig
-from sepnet.jobs.train import TrainSpec, TrainTask, per_class_dice
+from sepnet.jobs.spec import ModelSpec
+from sepnet.jobs.train import TrainSpec, TrainTask, train_spec
+from sepnet.jobs.validation import per_class_dice
 
 TINY = TrainingConfig(base=4, patch=[8, 32, 32], batch_size=2, epochs=2, iterations_per_epoch=3, val_every=3,
                       checkpoint_every=2, num_workers=0, lr_step_epochs=1, seed=0)
@@ -49,6 +52,10 @@ def test_interrupted_and_resumed_is_bit_identical(tmp_path, tiny_store, workers)
     assert stopped == {"stopped_at": 2}
     out = tmp_path / "resumed" / "models" / "fold0" / "m1"
     assert not (out / "done.json").exists()
+    # the model spec is written at the start, before the model is done
+    spec = ModelSpec.read(out)
+    assert (spec.network, spec.base, spec.channels, spec.kind) == ("sepnet", 4, ("SLF1",), "member")
+    assert spec.num_classes == NUM_CLASSES and spec.organ_ids == ORGAN_IDS and spec.patch == (8, 32, 32)
     at2 = load(out / "last.pt")
     assert at2["step"] == 2 and at2["epoch"] == 0 and len(at2["rng"]) == 1
     resumed = TrainTask(tiny_spec(tmp_path / "resumed", tiny_store, training=training))()
@@ -64,10 +71,13 @@ def test_interrupted_and_resumed_is_bit_identical(tmp_path, tiny_store, workers)
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     # StepLR x0.9 after each of the 2 epochs
     assert a["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.9**2)
-    assert resumed["val_dice"] == full["val_dice"] and len(full["val_dice"]) == 23
+    assert resumed["val_dice"] == full["val_dice"] and len(full["val_dice"]) == NUM_CLASSES
     assert full["iterations"] == 6 and full["params"] > 0
     best = load(out / "best.pt")
-    assert best["score"] == pytest.approx(resumed["best_score"]) and best["spec"]["network"] == "sepnet"
+    assert best["score"] == pytest.approx(resumed["best_score"])
+    # one spec, in one file: not copied into the checkpoints or done.json
+    assert "spec" not in best and "spec" not in at2 and "spec" not in resumed
+    assert ModelSpec.read(out) == spec
 
 
 def test_loader_workers_do_not_change_the_result(tmp_path, tiny_store):
@@ -144,6 +154,23 @@ def _study(tmp_path, tiny_store, *, pad=True, patch=(8, 32, 32), with_store=True
         executor: {{kind: debug}}
         """))
     return cfg, root
+
+
+def test_one_train_spec_factory(tmp_path, tiny_store):
+    from sepnet.jobs.config import load_config
+
+    cfg_path, root = _study(tmp_path, tiny_store)
+    one = "members: [{name: m1, transform: SLF1}]"
+    cfg_path.write_text(cfg_path.read_text().replace(one, one + "\nbaselines: [{name: u, network: unet3d}]"))
+    cfg = load_config(cfg_path)
+    member, baseline = train_spec(cfg, model="m1", fold=1), train_spec(cfg, model="u", fold=1)
+    folds = json.loads((root / "folds.json").read_text())["folds"]  # written by the first call
+    assert member.train_cases == folds[1]["train"] and member.val_cases == folds[1]["val"]
+    assert (member.kind, baseline.kind, baseline.member.network) == ("member", "baseline", "unet3d")
+    assert member.val_patch == VAL_PATCH == cfg.inference_patch  # validation uses the inference patch
+    assert member.out_dir == root / "models" / "fold1" / "m1"
+    # given the split, the same spec without reading the store
+    assert train_spec(cfg, model="m1", fold=1, folds=folds) == member
 
 
 def test_cli_errors_before_submission(tmp_path, tiny_store, capsys):

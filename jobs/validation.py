@@ -1,0 +1,84 @@
+"""Validation during training: per-class Dice of whole validation volumes.
+
+Used by the training job (rank 0) every ``training.val_every`` iterations and at the end; the best
+checkpoint is the one with the highest mean foreground Dice (:func:`mean_foreground`).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+
+from sepnet.core.inference import sliding_window
+
+
+def confusion(pred: np.ndarray, ref: np.ndarray, *, num_classes: int) -> np.ndarray:
+    """Confusion counts int64 (K, K) of two label maps: ``[ref class, predicted class]``."""
+    k = num_classes
+    flat = ref.astype(np.int64).ravel() * k + pred.astype(np.int64).ravel()
+    return np.bincount(flat, minlength=k * k).reshape(k, k)
+
+
+def dice_from_confusion(conf: np.ndarray) -> np.ndarray:
+    """Dice float64 (K,) of every class from confusion counts (K, K); NaN where both lack the class."""
+    inter = np.diag(conf).astype(np.float64)
+    denom = conf.sum(0) + conf.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, 2 * inter / np.maximum(denom, 1), np.nan)
+
+
+def per_class_dice(pred: np.ndarray, ref: np.ndarray, *, num_classes: int) -> np.ndarray:
+    """Dice of every class 0..K-1 of two label maps, float64 (K,); NaN where both lack the class."""
+    return dice_from_confusion(confusion(pred, ref, num_classes=num_classes))
+
+
+def mean_foreground(dice: np.ndarray) -> float:
+    """Mean Dice over foreground classes present (ignoring NaN); 0 when none is present."""
+    fg = np.asarray(dice[1:], dtype=np.float64)
+    fg = fg[~np.isnan(fg)]
+    return float(fg.mean()) if fg.size else 0.0
+
+
+def jsonable_dice(dice: np.ndarray) -> list[float | None]:
+    """Dice (K,) as a JSON list, NaN -> None."""
+    return [None if math.isnan(float(v)) else float(v) for v in dice]
+
+
+def predict_volume(model: torch.nn.Module, volume: torch.Tensor, *, num_classes: int, patch: list[int],
+                   overlap: float, device: str, amp_dtype: torch.dtype | None) -> np.ndarray:
+    """Label map uint8 (Z, Y, X) of a whole volume (C, Z, Y, X) float32, by sliding windows of ``patch``."""
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+        with ctx:
+            return model(x.to(device)).float()
+
+    with torch.no_grad():
+        probs = sliding_window(volume, predictor, num_classes=num_classes, patch=tuple(patch), overlap=overlap,
+                               batch_size=2, device=device)
+    return probs.argmax(0).cpu().numpy().astype(np.uint8)
+
+
+def validate(model: torch.nn.Module, store: Any, case_ids: list[str], *, channels: list[str], num_classes: int,
+             patch: list[int], overlap: float = 0.5, device: str = "cpu",
+             amp_dtype: torch.dtype | None = None) -> np.ndarray:
+    """Per-class Dice (K,) pooled over the validation cases' whole volumes (voxel counts summed).
+
+    store: a ``sepnet.data.store.Store``; channels: the input channels read for each case.
+    The model is put in eval mode and restored to its previous mode afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    conf = np.zeros((num_classes, num_classes), dtype=np.int64)
+    try:
+        for cid in case_ids:
+            image = torch.from_numpy(store.read_image(cid, channels))
+            pred = predict_volume(model, image, num_classes=num_classes, patch=patch, overlap=overlap,
+                                  device=device, amp_dtype=amp_dtype)
+            conf += confusion(pred, store.read_label(cid), num_classes=num_classes)
+    finally:
+        model.train(was_training)
+    return dice_from_confusion(conf)
