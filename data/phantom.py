@@ -53,6 +53,7 @@ import numpy as np
 
 from sepnet.core.errors import DataError
 from sepnet.data.case import Case, Geometry
+from sepnet.data.layouts import FORMATS
 from sepnet.data.phantom_anatomy import TISSUE_HU, Params, context, couch
 from sepnet.data.phantom_organs import organs
 from sepnet.data.phantom_render import Pose, add_texture_and_noise, render, rotation
@@ -61,7 +62,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["SIZES", "SizeSpec", "make_case", "write_phantom", "FORMATS"]
 
-FORMATS = ("structseg", "pddca", "hanseg", "dicom")
 HU_MIN, HU_MAX = -1024, 3071
 
 

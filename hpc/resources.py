@@ -7,7 +7,7 @@ This dataclass is embedded in the study config (``executor:`` section) and consu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 
 @dataclass
@@ -29,7 +29,7 @@ class ExecutorConfig:
     start before the job fails with a one-line ``RendezvousError`` (never a hang).
     """
 
-    kind: Literal["debug", "local", "slurm"] = "local"
+    kind: str = "local"  # a ``sepnet.hpc.executors.KINDS`` name (checked by check_config)
     partition: str | None = None
     account: str | None = None
     qos: str | None = None

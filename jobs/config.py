@@ -47,7 +47,7 @@ class PreprocessConfig:
     crop: list[int] | None = field(default_factory=lambda: [256, 256])  # in-plane (y, x) voxels; None = off
     spacing: list[float] | None = None  # target (z, y, x) mm; None = no resampling
     chunks: list[int] = field(default_factory=lambda: [1, 16, 128, 128])  # (channel, z, y, x)
-    codec: Literal["zstd", "lz4", "none"] = "zstd"
+    codec: str = "zstd"  # a ``sepnet.data.prepare.CODECS`` name
     clevel: int = 3
     workers: int = 2
 
@@ -265,6 +265,7 @@ def _validate_names(cfg: StudyConfig) -> None:
     from sepnet.core.losses import LOSSES
     from sepnet.core.networks import NETWORKS
     from sepnet.data.phantom import SIZES
+    from sepnet.data.prepare import CODECS
     from sepnet.data.readers import FORMATS
     from sepnet.evaluation.metrics import CONVENTIONS
 
@@ -277,6 +278,7 @@ def _validate_names(cfg: StudyConfig) -> None:
         if d.phantom is not None:
             _known(f"datasets[{i}].phantom.size", d.phantom.size, tuple(SIZES), "phantom size")
     _known("evaluation.hd_convention", cfg.evaluation.hd_convention, CONVENTIONS, "convention")
+    _known("preprocess.codec", cfg.preprocess.codec, CODECS, "codec")
     for t in cfg.preprocess.transforms:
         _known("preprocess.transforms", t, tuple(PRESETS), "transform")
     for i, m in enumerate(cfg.models()):
