@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 from sepnet.core.errors import DataError
-from sepnet.hpc.atomic import atomic_write
 
 ALGORITHM_NAME = "sepnet"
 _TRACKING_PREFIX = "label "
@@ -96,7 +95,7 @@ def write_dicom_seg(
     organ_colours: dict[int, tuple[int, int, int]] | None = None,
 ) -> Path:
     """Write ``labels`` (Z, Y, X) integer (organ ids 0..255, 0 = background) on the grid of the CT series
-    in ``ct_series_dir`` as a BINARY DICOM-SEG at ``out_path`` (atomically); returns ``out_path``.
+    in ``ct_series_dir`` as a BINARY DICOM-SEG Part-10 file at ``out_path`` (atomically); returns ``out_path``.
 
     organ_names: id -> segment label, for every id present. organ_colours: id -> (R, G, B) 0..255,
     default the RTSTRUCT palette. Only organs present get a segment. DataError (naming ``out_path``)
@@ -106,7 +105,7 @@ def write_dicom_seg(
     import highdicom as hd
 
     from sepnet import __version__
-    from sepnet.data.dicom_series import make_uid
+    from sepnet.data.dicom_series import make_uid, save_dataset
 
     root, out_path = Path(ct_series_dir), Path(out_path)
     ct, headers = _ct_series(root)
@@ -135,7 +134,8 @@ def write_dicom_seg(
         sop_instance_uid=make_uid(ct.series_uid, "seg", digest), instance_number=1,
         manufacturer=ALGORITHM_NAME, manufacturer_model_name="3D-SepNet", software_versions=__version__,
         device_serial_number="0", content_label="SEPNET", content_description="sepnet organs at risk")
-    return atomic_write(out_path, seg.save_as)
+    save_dataset(seg, out_path)  # atomic, through sepnet.hpc.atomic
+    return out_path
 
 
 def read_dicom_seg(path: str | os.PathLike, ct_series_dir: str | os.PathLike) -> tuple[np.ndarray, dict[int, str]]:
