@@ -200,8 +200,8 @@ def write_structseg(case, root: Path) -> Path:
 
 
 def preprocess_store(dataset: Path, store: Path, **kw):
-    """``sepnet.data.store.preprocess`` on a StructSeg folder; raises if a case failed."""
-    from sepnet.data.store import preprocess
+    """``sepnet.data.preprocess.preprocess`` on a StructSeg folder; raises if a case failed."""
+    from sepnet.data.preprocess import preprocess
 
     report = preprocess(dataset, store, format="structseg", progress=False, **kw)
     if report.failed:

@@ -99,7 +99,7 @@ def study_model(study):
     store = Store(root / "store")
     folds = json.loads((root / "folds.json").read_text())["folds"]
     test = [(store.read_image(c, model.channels), store.read_label(c).astype(np.int64)) for c in folds[0]["test"]]
-    return model.network.eval(), test, tuple(model.spec["patch"]), f"{model.name} of {root}"
+    return model.network.eval(), test, tuple(model.spec.patch), f"{model.name} of {root}"
 
 
 def main() -> None:
@@ -110,7 +110,7 @@ def main() -> None:
     import torch
 
     from sepnet.core.inference import reference_windows, sliding_window
-    from sepnet.jobs.train import mean_foreground, per_class_dice
+    from sepnet.jobs.validation import mean_foreground, per_class_dice
 
     header("Inference: Gaussian sliding window vs the reference 16-slice scheme", args)
     reps = args.reps or (1 if args.quick else 3)

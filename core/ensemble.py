@@ -2,7 +2,10 @@
 
 - :func:`rank_weights` turns the members' validation Dice per class into fusion weights (paper: the
   i-th best member on class c gets 5, 4, 3, 1, 1, 1 for N = 6).
-- :func:`fuse` is Eq. (9): ``P_c = sum_i w_c^i P_c^i / sum_i w_c^i``.
+- :func:`fusion_weights` gives the (N, K) weights from the ensemble config (rank or equal weighting);
+  :func:`pool_weights` stacks several ensembles' weights (e.g. one per fold) into one.
+- :class:`FusionAccumulator` is Eq. (9), ``P_c = sum_i w_c^i P_c^i / sum_i w_c^i``, one member at a time;
+  :func:`fuse` applies it to all members at once. Evaluation and ``sepnet predict`` both use it.
 - :func:`vote_entropy` is Eq. (11): the entropy (nats) of the members' hard-label votes per voxel.
   With N voters it takes only a few distinct values (:func:`entropy_levels`), one per partition of N;
   :func:`quantise_levels` maps a map onto those levels with a tolerance, never with float equality.
@@ -70,12 +73,54 @@ def rank_weights(dice, *, weights: Sequence[float] | None = None) -> np.ndarray:
     return out
 
 
-def _as_weights(weights, n: int, k: int) -> np.ndarray:
-    if weights is None:
-        return np.ones((n, k), dtype=np.float64)
+def fusion_weights(dice, *, weighting: str = "rank", by_rank: Sequence[float] | None = None) -> np.ndarray:
+    """(N, K) fusion weights of one ensemble from its config (``ensemble.weighting``, ``ensemble.rank_weights``).
+
+    Args:
+        dice: (N members, K classes) validation Dice; NaN where unknown.
+        weighting: "rank" (:func:`rank_weights`) or "equal" (all ones).
+        by_rank: ``ensemble.rank_weights``, N weights by rank, best first; None = :func:`default_rank_weights`.
+
+    Returns:
+        float64 (N, K). With "rank", a class for which no member has a finite Dice gets equal weights:
+        there is nothing to rank by, and ranking by member index would favour the first member.
+    """
+    d = np.asarray(dice.detach().cpu().numpy() if isinstance(dice, torch.Tensor) else dice, dtype=np.float64)
+    if d.ndim != 2:
+        raise ValueError(f"fusion_weights: dice must be (N members, K classes), got shape {d.shape}")
+    if weighting == "equal":
+        return np.ones(d.shape, dtype=np.float64)
+    if weighting != "rank":
+        raise ConfigError(f"ensemble.weighting: {weighting!r} is not one of 'rank', 'equal'")
+    w = rank_weights(d, weights=by_rank)
+    unknown = ~np.isfinite(d).any(axis=0)
+    w[:, unknown] = 1.0
+    return w
+
+
+def pool_weights(per_ensemble: Sequence) -> np.ndarray:
+    """Weights that fuse several ensembles (e.g. one per fold) in one pass as the mean of their fusions.
+
+    Args:
+        per_ensemble: E arrays (N_e, K) of fusion weights.
+
+    Returns:
+        float64 (sum N_e, K), members in the given order. One ensemble: its weights as they are. Several:
+        each ensemble's weights divided by their class-wise sum and by E, so Eq. (9) over the stacked
+        members equals the mean of the E fused maps.
+    """
+    ws = [np.asarray(w, dtype=np.float64) for w in per_ensemble]
+    if not ws:
+        raise ValueError("pool_weights: no ensemble given")
+    if len(ws) == 1:
+        return ws[0].copy()
+    return np.concatenate([w / w.sum(axis=0, keepdims=True) / len(ws) for w in ws])
+
+
+def _as_weights(weights, k: int) -> np.ndarray:
     w = np.asarray(weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else weights, dtype=np.float64)
-    if w.shape != (n, k):
-        raise ValueError(f"fuse: weights must be (N={n}, K={k}), got shape {w.shape}")
+    if w.ndim != 2 or w.shape[1] != k:
+        raise ValueError(f"fuse: weights must be (N, K={k}), got shape {w.shape}")
     if np.any(w < 0) or not np.all(np.isfinite(w)):
         raise ValueError("fuse: weights must be finite and >= 0")
     if np.any(w.sum(axis=0) <= 0):
@@ -83,14 +128,110 @@ def _as_weights(weights, n: int, k: int) -> np.ndarray:
     return w
 
 
+def hard_labels(probs) -> np.ndarray:
+    """uint8 numpy argmax over the class axis 0 of (K, ...) probabilities (numpy or torch; ties -> lower class)."""
+    if isinstance(probs, torch.Tensor):
+        return probs.argmax(0).to(torch.uint8).cpu().numpy()
+    return np.asarray(probs).argmax(0).astype(np.uint8)
+
+
+class FusionAccumulator:
+    """Eq. (9) in streaming form: members' probabilities are added one at a time and not kept.
+
+    ``weights`` (N, K) non-negative, or None for equal weights over however many members are added.
+    ``add(i, probs)`` adds member i's (K, ...) probabilities (numpy, or torch: the sum stays on its device)
+    and, when ``keep_labels``, returns its hard labels (uint8 numpy) and keeps them (``member_labels``)
+    for vote entropy and VVC (else returns None). Memory: the float64 (K, ...) sum, plus N uint8 label maps
+    (temporaries are one class channel).
+    ``probs()`` is the fused float32 (K, ...) like the members; ``labels()`` its uint8 argmax.
+    Each class is normalised by its own weight sum, so fused classes need not sum to exactly 1.
+    """
+
+    def __init__(self, weights=None, *, keep_labels: bool = True):
+        self._weights_in = weights
+        self._w: np.ndarray | None = None
+        self._acc = None
+        self._seen: list[int] = []
+        self._labels: list[np.ndarray] = []
+        self._keep = keep_labels
+
+    def _start(self, p) -> None:
+        k = int(p.shape[0])
+        self._w = np.ones((0, k)) if self._weights_in is None else _as_weights(self._weights_in, k)
+        if isinstance(p, torch.Tensor):
+            self._acc = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+        else:
+            self._acc = np.zeros(p.shape, dtype=np.float64)
+
+    def add(self, i: int, probs) -> np.ndarray | None:
+        if probs.ndim < 1:
+            raise ValueError(f"fuse: member probabilities must be (K, ...), got shape {tuple(probs.shape)}")
+        if self._acc is None:
+            self._start(probs)
+        acc = self._acc
+        if tuple(probs.shape) != tuple(acc.shape):
+            raise ValueError(f"fuse: member {i} has shape {tuple(probs.shape)}, expected {tuple(acc.shape)}")
+        if i in self._seen:
+            raise ValueError(f"fuse: member {i} added twice")
+        if self._weights_in is not None and not 0 <= i < self._w.shape[0]:
+            raise ValueError(f"fuse: member {i} has no weight row ({self._w.shape[0]} rows)")
+        wi = np.ones(acc.shape[0]) if self._weights_in is None else self._w[i]
+        is_torch = isinstance(acc, torch.Tensor)
+        for c in range(acc.shape[0]):  # class by class: temporaries of one channel, not K
+            if is_torch:
+                acc[c] += probs[c].to(acc.device, torch.float64) * float(wi[c])
+            else:
+                acc[c] += np.asarray(probs[c], dtype=np.float64) * float(wi[c])
+        self._seen.append(i)
+        if not self._keep:
+            return None
+        labels = hard_labels(probs)
+        self._labels.append(labels)
+        return labels
+
+    @property
+    def n_added(self) -> int:
+        return len(self._seen)
+
+    @property
+    def member_labels(self) -> np.ndarray:
+        """(N, ...) uint8 hard labels of the members, in member index order."""
+        if not self._labels:
+            raise ValueError("fuse: no member labels kept")
+        order = np.argsort(self._seen, kind="stable")
+        return np.stack([self._labels[j] for j in order])
+
+    def probs(self):
+        if self._acc is None:
+            raise ValueError("fuse: no members given")
+        acc = self._acc
+        if self._weights_in is None:
+            total = np.full(acc.shape[0], float(self.n_added))
+        else:
+            if self.n_added != self._w.shape[0]:
+                raise ValueError(f"fuse: {self.n_added} members but {self._w.shape[0]} weight rows")
+            total = self._w.sum(axis=0)
+        if isinstance(acc, torch.Tensor):
+            out = torch.empty(acc.shape, dtype=torch.float32, device=acc.device)
+        else:
+            out = np.empty(acc.shape, dtype=np.float32)
+        for c in range(acc.shape[0]):
+            out[c] = acc[c] / float(total[c])
+        return out
+
+    def labels(self) -> np.ndarray:
+        """uint8 (...) argmax of the fused probabilities (ties -> the lower class)."""
+        return hard_labels(self.probs())
+
+
 def fuse(probs, weights=None):
-    """Class-wise weighted average of member probabilities, Eq. (9).
+    """Class-wise weighted average of member probabilities, Eq. (9), through :class:`FusionAccumulator`.
 
     Args:
         probs: (N, K, ...) member probabilities as one numpy array / torch tensor, or an iterable of N
             (K, ...) arrays (a list or a generator). Iterables are accumulated one member at a time, so
             N full-size maps are never held together.
-        weights: (N, K) non-negative weights (e.g. from :func:`rank_weights`); None = equal weights.
+        weights: (N, K) non-negative weights (e.g. from :func:`fusion_weights`); None = equal weights.
 
     Returns:
         float32 (K, ...) fused probabilities, numpy or torch like the input members (torch stays on its
@@ -101,43 +242,12 @@ def fuse(probs, weights=None):
         if probs.ndim < 2:
             raise ValueError(f"fuse: probs must be (N, K, ...), got shape {tuple(probs.shape)}")
         members: Iterable = (probs[i] for i in range(probs.shape[0]))
-        n_expected: int | None = int(probs.shape[0])
     else:
         members = probs
-        n_expected = None if weights is None else int(np.shape(weights)[0])
-    acc = None
-    w = None
-    is_torch = False
-    n = 0
-    for p in members:
-        if acc is None:
-            is_torch = isinstance(p, torch.Tensor)
-            k = int(p.shape[0])
-            if weights is None and n_expected is None:
-                w = None  # equal weights, count members as we go
-            else:
-                w = _as_weights(weights, n_expected if n_expected is not None else 0, k)
-            acc = torch.zeros(p.shape, dtype=torch.float64, device=p.device) if is_torch else np.zeros(p.shape)
-        if tuple(p.shape) != tuple(acc.shape):
-            raise ValueError(f"fuse: member {n} has shape {tuple(p.shape)}, expected {tuple(acc.shape)}")
-        if w is not None and n >= w.shape[0]:
-            raise ValueError(f"fuse: more members than weight rows ({w.shape[0]})")
-        wi = np.ones(acc.shape[0]) if w is None else w[n]
-        bshape = (acc.shape[0],) + (1,) * (acc.ndim - 1)
-        if is_torch:
-            acc += p.to(torch.float64) * torch.as_tensor(wi, dtype=torch.float64, device=acc.device).reshape(bshape)
-        else:
-            acc += np.asarray(p, dtype=np.float64) * wi.reshape(bshape)
-        n += 1
-    if acc is None:
-        raise ValueError("fuse: no members given")
-    if w is not None and n != w.shape[0]:
-        raise ValueError(f"fuse: {n} members but {w.shape[0]} weight rows")
-    total = np.full(acc.shape[0], float(n)) if w is None else w.sum(axis=0)
-    bshape = (acc.shape[0],) + (1,) * (acc.ndim - 1)
-    if is_torch:
-        return (acc / torch.as_tensor(total, dtype=torch.float64, device=acc.device).reshape(bshape)).to(torch.float32)
-    return (acc / total.reshape(bshape)).astype(np.float32)
+    acc = FusionAccumulator(weights, keep_labels=False)
+    for i, p in enumerate(members):
+        acc.add(i, p)
+    return acc.probs()
 
 
 def vote_entropy(labels, *, chunk: int = 1 << 22):

@@ -4,7 +4,8 @@
 softmax of each window weighted by a Gaussian importance map (sigma = patch / 8) and the weighted sum
 normalised by the summed weights, optionally averaged over flipped copies (test-time augmentation).
 :func:`reference_windows` is the scheme of the paper's public code: 16-slice windows over the full
-in-plane extent, z-stride 2, softmax summed; it exists for comparison.
+in-plane extent, z-stride 2, softmax summed; it exists for comparison. :func:`autocast_dtype` is the one
+choice of mixed-precision dtype for a device (training, validation, evaluation and predict).
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ AXES = {"z": 0, "y": 1, "x": 2}
 STRUCTSEG_LR_PAIRS: tuple[tuple[int, int], ...] = tuple(
     (i, j) for i, n in ORGAN_NAMES.items() if n.endswith("_L") for j, m in ORGAN_NAMES.items() if m == n[:-2] + "_R"
 )
+
+
+def autocast_dtype(device: str | torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``device``: bfloat16 on a CUDA device that supports it natively (compute
+    capability >= 8.0), else float16 on CUDA, None (no autocast, float32) on any other device."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
 
 
 def gaussian_importance(patch: Sequence[int], *, sigma_scale: float = 0.125) -> np.ndarray:

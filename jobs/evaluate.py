@@ -5,6 +5,7 @@
 ``vvc.csv`` (structure uncertainty vs ensemble Dice), ``uncertainty.json`` (Fig. 12 counts),
 ``figures/`` (overlays and uncertainty maps of the first test case), ``ensemble/`` (fused labels and
 vote-entropy maps in the original geometry, NIfTI) and ``done.json`` last. Metrics also go to MLflow.
+Each case goes through ``sepnet.jobs.models.run_ensemble``, the inference path ``sepnet predict`` uses.
 
 ``sepnet evaluate --pred DIR --ref DIR`` compares label files (NIfTI/NRRD) case by case.
 """
@@ -13,21 +14,23 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from sepnet.core.errors import DataError
-from sepnet.core.organs import NUM_CLASSES, ORGAN_IDS
-from sepnet.jobs.study import Layout, atomic_write_json, atomic_write_text
+from sepnet.core.organs import ORGAN_IDS
+from sepnet.hpc.atomic import atomic_write_json, atomic_write_text
+from sepnet.jobs.config import EnsembleConfig, EvaluationConfig, InferenceConfig, StudyConfig
+from sepnet.jobs.study import Layout
 
 log = logging.getLogger("sepnet.evaluate")
 
@@ -46,6 +49,8 @@ def rows_to_csv(rows: list[dict], fields: list[str]) -> str:
 
 @dataclass
 class EvalSpec:
+    """One fold's evaluation job; small and picklable. ``inference.patch`` is resolved (never None)."""
+
     study: str
     study_root: str
     store: str
@@ -53,10 +58,9 @@ class EvalSpec:
     test_cases: list[str]
     models: list[str]  # every trained model of the fold (members and baselines)
     members: list[str]  # the ensemble's members, in config order
-    inference: dict[str, Any]  # InferenceConfig as dict
-    ensemble: dict[str, Any]  # EnsembleConfig as dict
-    evaluation: dict[str, Any]  # EvaluationConfig as dict
-    patch: list[int] = field(default_factory=lambda: [16, 128, 128])
+    inference: InferenceConfig
+    ensemble: EnsembleConfig
+    evaluation: EvaluationConfig
     mlflow_uri: str | None = None
     experiment: str | None = None
     fold_run_key: str | None = None
@@ -64,19 +68,38 @@ class EvalSpec:
     threads: int | None = None  # torch intra-op threads (executor.cpus_per_task)
 
 
+def make_eval_spec(cfg: StudyConfig, folds: list[dict], fold: int) -> EvalSpec:
+    """The EvalSpec of ``fold`` of a loaded study config (``folds``: the study's split)."""
+    from sepnet.jobs import tracking
+    from sepnet.jobs.orchestrate import study_run_keys
+
+    layout = Layout(Path(cfg.root))
+    return EvalSpec(
+        study=cfg.name, study_root=str(layout.root), store=str(layout.store), fold=fold,
+        test_cases=list(folds[fold]["test"]), models=[m.name for m in cfg.models()],
+        members=[m.name for m in cfg.members], inference=study_inference(cfg),
+        ensemble=dataclasses.replace(cfg.ensemble), evaluation=dataclasses.replace(cfg.evaluation),
+        mlflow_uri=tracking.resolve_uri(cfg), experiment=cfg.mlflow.experiment or cfg.name,
+        fold_run_key=study_run_keys(cfg, fold), threads=cfg.executor.cpus_per_task,
+    )
+
+
+def study_inference(cfg: StudyConfig) -> InferenceConfig:
+    """The study's inference settings with the patch resolved (``cfg.inference_patch``)."""
+    return dataclasses.replace(cfg.inference, patch=list(cfg.inference_patch))
+
+
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def ensemble_weights(members: list, *, weighting: str, rank_weights: list[float] | None) -> np.ndarray:
-    """(N, K) fusion weights of the members: rank weights from validation Dice, or equal."""
-    from sepnet.core.ensemble import rank_weights as _rank
+@dataclass
+class _Results:
+    """What the fold's cases add up to: metrics per model and case, VVC rows, uncertainty counts."""
 
-    n = len(members)
-    if weighting == "equal" or n == 0:
-        return np.ones((n, NUM_CLASSES))
-    dice = np.stack([m.val_dice(NUM_CLASSES) for m in members])
-    return _rank(dice, weights=rank_weights)
+    by_model: dict[str, dict[str, list]]
+    vvc_rows: list[dict] = field(default_factory=list)
+    counts: list = field(default_factory=list)
 
 
 class EvalTask:
@@ -88,113 +111,101 @@ class EvalTask:
     def __call__(self) -> dict:
         s = self.spec
         layout = Layout(Path(s.study_root))
-        out = layout.eval_dir(s.fold)
         if layout.evaluated(s.fold):
-            return json.loads((out / "done.json").read_text())
-        t0 = time.time()
-        device = _device()
+            return json.loads((layout.eval_dir(s.fold) / "done.json").read_text())
         if s.threads:
             torch.set_num_threads(s.threads)
         with torch.no_grad():  # a context, not set_grad_enabled: debug jobs share this process
-            return self._evaluate(s, layout, out, t0, device)
+            return self._evaluate(layout)
 
-    def _evaluate(self, s, layout, out, t0, device) -> dict:
-        from sepnet.core.ensemble import member_volumes, vote_entropy, vvc
-        from sepnet.core.inference import sliding_window
+    def _evaluate(self, layout: Layout) -> dict:
         from sepnet.data.store import Store
-        from sepnet.evaluation.metrics import evaluate_case, metrics_table, to_rows
-        from sepnet.evaluation.uncertainty import error_counts, pool
-        from sepnet.jobs.models import load_trained
+        from sepnet.jobs.models import ensemble_weights, load_trained
 
+        s, t0 = self.spec, time.time()
+        out = layout.eval_dir(s.fold)
         store = Store(s.store)
         models = {name: load_trained(layout.model_dir(s.fold, name)) for name in s.models}
-        members = [models[n] for n in s.members if n in models]
-        weights = ensemble_weights(members, weighting=s.ensemble.get("weighting", "rank"),
-                                   rank_weights=s.ensemble.get("rank_weights"))
-        patch = list(s.inference.get("patch") or s.patch)
-        results: dict[str, dict[str, list]] = {name: {} for name in [*models, "ensemble"]}
-        vvc_rows: list[dict] = []
-        counts = []
-        conv = s.evaluation.get("hd_convention", "max")
-        pct = float(s.evaluation.get("percentile", 95.0))
+        members = [models[n] for n in s.members]
+        others = [m for n, m in models.items() if n not in s.members]
+        weights = ensemble_weights(members, s.ensemble)
+        res = _Results(by_model={name: {} for name in [*models, "ensemble"]})
         for ci, case in enumerate(s.test_cases):
-            meta = store.meta(case)
-            ref = store.read_label(case)
-            spacing = meta.spacing_zyx
-            images: dict[tuple, np.ndarray] = {}
-            fused = None
-            member_labels = []
-            for name, model in models.items():
-                key = tuple(model.channels)
-                if key not in images:
-                    images[key] = store.read_image(case, list(key))
-                probs = sliding_window(
-                    images[key], model.predictor(device), num_classes=NUM_CLASSES, patch=patch,
-                    overlap=float(s.inference.get("overlap", 0.5)), batch_size=int(s.inference.get("batch_size", 2)),
-                    tta=bool(s.inference.get("tta", False)), device=device,
-                )
-                labels = probs.argmax(0).to(torch.uint8).cpu().numpy()
-                results[name][case] = evaluate_case(labels, ref, spacing_zyx=spacing, annotated=meta.annotated,
-                                                    convention=conv, percentile=pct)
-                if model in members:
-                    i = members.index(model)
-                    w = torch.as_tensor(weights[i], dtype=torch.float32).view(-1, 1, 1, 1)
-                    fused = probs * w if fused is None else fused.add_(probs * w)
-                    member_labels.append(labels)
-                del probs
-            if not members:
-                continue
-            fused /= torch.as_tensor(weights.sum(0), dtype=torch.float32).clamp_min(1e-12).view(-1, 1, 1, 1)
-            ens = fused.argmax(0).to(torch.uint8).cpu().numpy()
-            del fused
-            ens_metrics = evaluate_case(ens, ref, spacing_zyx=spacing, annotated=meta.annotated,
-                                        convention=conv, percentile=pct)
-            results["ensemble"][case] = ens_metrics
-            stack = np.stack(member_labels)
-            entropy = vote_entropy(stack)
-            counts.append(error_counts(ens, ref, entropy, n_members=len(members), annotated=meta.annotated))
-            v = vvc(member_volumes(stack, spacing_zyx=spacing, organs=ORGAN_IDS))
-            for m, organ_vvc in zip(ens_metrics, v):
-                if m.flag.value != "not_annotated":
-                    vvc_rows.append({"fold": s.fold, "case": case, "organ": m.organ, "name": m.name,
+            self._evaluate_case(case, store, members, others, weights, res, out=out, first=ci == 0)
+        return self._write(out, models, members, weights, res, seconds=time.time() - t0)
+
+    def _evaluate_case(self, case: str, store, members, others, weights, res: _Results, *, out: Path,
+                       first: bool) -> None:
+        from sepnet.core.ensemble import member_volumes, vvc
+        from sepnet.evaluation.metrics import evaluate_case
+        from sepnet.evaluation.uncertainty import error_counts
+        from sepnet.jobs.models import run_ensemble
+
+        s = self.spec
+        meta, ref = store.meta(case), store.read_label(case)
+        images: dict[tuple[str, ...], np.ndarray] = {}
+
+        def image_of(channels: tuple[str, ...]) -> np.ndarray:
+            if channels not in images:
+                images[channels] = store.read_image(case, list(channels))
+            return images[channels]
+
+        ens = run_ensemble(image_of, members, weights, inference=s.inference, device=_device(), others=others)
+
+        def metrics(labels: np.ndarray) -> list:
+            return evaluate_case(labels, ref, spacing_zyx=meta.spacing_zyx, annotated=meta.annotated,
+                                 convention=s.evaluation.hd_convention, percentile=s.evaluation.percentile)
+
+        for model, labels in [*zip(members, ens.member_labels), *zip(others, ens.other_labels)]:
+            res.by_model[model.name][case] = metrics(labels)
+        ens_metrics = res.by_model["ensemble"][case] = metrics(ens.labels)
+        res.counts.append(error_counts(ens.labels, ref, ens.entropy, n_members=len(members),
+                                       annotated=meta.annotated))
+        v = vvc(member_volumes(ens.member_labels, spacing_zyx=meta.spacing_zyx, organs=ORGAN_IDS))
+        for m, organ_vvc in zip(ens_metrics, v):
+            if m.flag.value != "not_annotated":
+                res.vvc_rows.append({"fold": s.fold, "case": case, "organ": m.organ, "name": m.name,
                                      "vvc": float(organ_vvc), "dice": m.dice})
-            if s.save_maps:
-                self._save_maps(out, case, store, meta, ens, entropy, ref, first=ci == 0)
-        rows = []
-        for name, by_case in results.items():
-            for r in to_rows(by_case):
-                rows.append({"fold": s.fold, "model": name, **r})
+        if s.save_maps:
+            self._save_maps(out, case, store, meta, ens.labels, ens.entropy, ref, first=first)
+
+    def _write(self, out: Path, models: dict, members: list, weights: np.ndarray, res: _Results, *,
+               seconds: float) -> dict:
+        from sepnet.evaluation.metrics import metrics_table, to_rows
+        from sepnet.evaluation.uncertainty import pool
+
+        s = self.spec
+        rows = [{"fold": s.fold, "model": name, **r} for name, by_case in res.by_model.items()
+                for r in to_rows(by_case)]
         atomic_write_text(out / "metrics.csv", rows_to_csv(rows, METRIC_FIELDS))
-        atomic_write_text(out / "vvc.csv", rows_to_csv(vvc_rows, ["fold", "case", "organ", "name", "vvc", "dice"]))
-        pooled = pool(counts)
+        atomic_write_text(out / "vvc.csv", rows_to_csv(res.vvc_rows, ["fold", "case", "organ", "name", "vvc", "dice"]))
+        pooled = pool(res.counts)
         atomic_write_json(out / "uncertainty.json", pooled.to_dict() if pooled else {})
-        summaries = {name: metrics_table(by_case)["summary"] for name, by_case in results.items() if by_case}
+        summaries = {name: metrics_table(by_case)["summary"] for name, by_case in res.by_model.items() if by_case}
         done = {
             "fold": s.fold,
             "cases": s.test_cases,
             "members": [m.name for m in members],
             "weights": weights.tolist(),
-            "models": {name: {"kind": m.kind, "network": m.spec["member"]["network"],
-                              "transform": m.spec["member"]["transform"], "loss": m.spec["member"]["loss"],
-                              "alpha": m.spec["member"]["alpha"], "params": m.done.get("params"),
+            "models": {name: {"kind": m.kind, "network": m.spec.network, "transform": m.channels[0],
+                              "loss": m.spec.loss, "alpha": m.spec.alpha, "params": m.done.get("params"),
                               "train_seconds": m.done.get("train_seconds")} for name, m in models.items()},
             "summary": summaries,
-            "seconds": time.time() - t0,
+            "seconds": seconds,
         }
-        self._log_mlflow(summaries, results, out)
+        self._log_mlflow(summaries, res.by_model, out)
         atomic_write_json(out / "done.json", done)
         return done
 
     # ------------------------------------------------------------------ outputs
 
     def _save_maps(self, out: Path, case: str, store, meta, ens, entropy, ref, *, first: bool) -> None:
+        from sepnet.data.grid import to_original
         from sepnet.data.readers import write_labels, write_volume
-        from sepnet.data.store import to_original
 
         ens_dir = out / "ensemble"
         write_labels(to_original(ens, meta, order=0), meta.geometry, ens_dir / f"{case}_labels.nii.gz")
-        write_volume(to_original(entropy.astype(np.float32), meta, order=1), meta.geometry,
-                     ens_dir / f"{case}_entropy.nii.gz")
+        write_volume(to_original(entropy, meta, order=1), meta.geometry, ens_dir / f"{case}_entropy.nii.gz")
         if first:
             from sepnet.evaluation import figures
 
@@ -323,4 +334,4 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-__all__ = ["EvalSpec", "EvalTask", "asdict", "model_run_key"]
+__all__ = ["EvalSpec", "EvalTask", "make_eval_spec", "model_run_key", "study_inference"]

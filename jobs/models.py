@@ -1,11 +1,18 @@
-"""Trained models on disk: ``<root>/models/fold<F>/<model>/`` holds ``spec.json`` (how to rebuild the
-network), ``best.pt`` (checkpoint with the ``model`` state dict) and ``done.json`` (validation Dice
-per class, training time). Used by evaluation, the ensemble and ``sepnet predict``.
+"""Trained models on disk and the one way to run them as an ensemble.
+
+``<root>/models/fold<F>/<model>/`` holds ``spec.json`` (:class:`sepnet.jobs.spec.ModelSpec`, how to
+rebuild the network), ``best.pt`` (checkpoint with the ``model`` state dict) and ``done.json``
+(validation Dice per class, training time). :func:`load_trained` reads exactly these three.
+:func:`run_ensemble` is the inference path shared by evaluation and ``sepnet predict``: every model's
+sliding-window probabilities, the members fused one at a time (``core.ensemble.FusionAccumulator``),
+their vote entropy.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,84 +20,96 @@ from typing import Any
 import numpy as np
 import torch
 
+from sepnet.core.ensemble import FusionAccumulator, fusion_weights, hard_labels, vote_entropy
 from sepnet.core.errors import DataError
+from sepnet.core.inference import autocast_dtype, sliding_window
 from sepnet.core.networks import build
+from sepnet.hpc import checkpoint as checkpoint_io
+from sepnet.jobs.config import EnsembleConfig, InferenceConfig
+from sepnet.jobs.spec import ModelSpec
+
+CHECKPOINT = "best.pt"
+DONE = "done.json"
 
 
 @dataclass
 class TrainedModel:
-    name: str
+    spec: ModelSpec
     network: torch.nn.Module
-    spec: dict[str, Any]  # member config, base, channels, num_classes, patch, kind
     done: dict[str, Any]  # done.json content
 
     @property
-    def channels(self) -> list[str]:
-        return list(self.spec["channels"])
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return self.spec.channels
 
     @property
     def kind(self) -> str:
-        return self.spec.get("kind", "member")
+        return self.spec.kind
 
-    def val_dice(self, num_classes: int) -> np.ndarray:
+    def val_dice(self) -> np.ndarray:
         """(num_classes,) validation Dice per class (index 0 = background); NaN where unknown."""
-        out = np.full(num_classes, np.nan)
-        per_class = self.done.get("val_dice_per_class") or self.done.get("val_dice") or {}
-        if isinstance(per_class, dict):
-            for k, v in per_class.items():
-                if str(k).isdigit() and int(k) < num_classes and v is not None:
-                    out[int(k)] = float(v)
-        elif isinstance(per_class, list):
-            for i, v in enumerate(per_class[:num_classes]):
-                out[i] = np.nan if v is None else float(v)
+        out = np.full(self.spec.num_classes, np.nan)
+        for i, v in enumerate((self.done.get("val_dice") or [])[: self.spec.num_classes]):
+            out[i] = np.nan if v is None else float(v)
         return out
 
     def predictor(self, device: torch.device):
+        """``batch (B, C, z, y, x) -> float32 logits``, in eval mode, autocast as ``autocast_dtype(device)``."""
+        device = torch.device(device)
         net = self.network.to(device).eval()
+        amp = autocast_dtype(device)
 
         @torch.no_grad()
         def predict(batch: torch.Tensor) -> torch.Tensor:
-            use_amp = device.type == "cuda"
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
                 return net(batch.to(device)).float()
 
         return predict
 
+    def probabilities(self, image, *, inference: InferenceConfig, device: torch.device) -> torch.Tensor:
+        """float32 CPU (K, Z, Y, X) sliding-window probabilities of ``image`` (C, Z, Y, X) = ``self.channels``.
+
+        Window: ``inference.patch``, else the model's training patch; overlap, TTA, batch size from ``inference``.
+        """
+        patch = tuple(inference.patch) if inference.patch else self.spec.patch
+        return sliding_window(image, self.predictor(device), num_classes=self.spec.num_classes, patch=patch,
+                              overlap=float(inference.overlap), batch_size=int(inference.batch_size),
+                              tta=bool(inference.tta), device=device)
+
 
 def _state_dict(ckpt: Any) -> dict[str, torch.Tensor]:
-    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
+    sd = ckpt.get("model", ckpt)
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def load_trained(model_dir: str | Path, *, checkpoint: str = "best.pt") -> TrainedModel:
-    """Rebuild a trained network from its folder. Missing pieces -> DataError naming the file."""
+def load_trained(model_dir: str | Path, *, checkpoint: str = CHECKPOINT) -> TrainedModel:
+    """Rebuild a trained network from ``spec.json``, ``done.json`` and the checkpoint's weights.
+
+    A missing or unreadable piece raises DataError naming the file.
+    """
     model_dir = Path(model_dir)
-    spec_file, ckpt_file, done_file = model_dir / "spec.json", model_dir / checkpoint, model_dir / "done.json"
+    spec = ModelSpec.read(model_dir)
+    ckpt_file, done_file = model_dir / checkpoint, model_dir / DONE
+    if not done_file.is_file():
+        raise DataError(f"{done_file}: missing (is the model trained?)")
     if not ckpt_file.is_file():
         raise DataError(f"{ckpt_file}: missing (is the model trained?)")
     try:
-        ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise DataError(f"{ckpt_file}: cannot load checkpoint ({str(e).splitlines()[0]})") from None
-    done = json.loads(done_file.read_text()) if done_file.is_file() else {}
-    # spec.json (written by `sepnet cv`) wins; the training job also stores the spec in its outputs
-    spec = {**(ckpt.get("spec") or {} if isinstance(ckpt, dict) else {}), **done.get("spec", {}),
-            **(json.loads(spec_file.read_text()) if spec_file.is_file() else {})}
-    if "member" not in spec or "channels" not in spec:
-        raise DataError(f"{model_dir}: no model spec (spec.json, done.json or the checkpoint's 'spec')")
-    member = spec["member"]
-    net = build(
-        member["network"],
-        in_channels=len(spec["channels"]),
-        num_classes=int(spec.get("num_classes", 23)),
-        base=int(spec["base"]),
-        separable_axis=member.get("separable_axis", "z"),
-    )
+        done = json.loads(done_file.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{done_file}: unreadable ({str(e).splitlines()[0]})") from None
+    ckpt = checkpoint_io.load(ckpt_file)  # weights only: a checkpoint cannot run code
+    net = build(spec.network, in_channels=spec.in_channels, num_classes=spec.num_classes, base=spec.base,
+                separable_axis=spec.separable_axis)
     try:
         net.load_state_dict(_state_dict(ckpt))
-    except (RuntimeError, KeyError) as e:
+    except (RuntimeError, KeyError, AttributeError) as e:
         raise DataError(f"{ckpt_file}: checkpoint does not fit the network ({str(e).splitlines()[0]})") from None
-    return TrainedModel(name=member["name"], network=net, spec=spec, done=done)
+    return TrainedModel(spec=spec, network=net, done=done)
 
 
 def find_models(root: str | Path) -> dict[int, list[Path]]:
@@ -101,7 +120,52 @@ def find_models(root: str | Path) -> dict[int, list[Path]]:
     for fold_dir in sorted(base.glob("fold*")):
         if not fold_dir.name[4:].isdigit():
             continue
-        dirs = [d for d in sorted(fold_dir.iterdir()) if (d / "best.pt").is_file() and (d / "done.json").is_file()]
+        dirs = [d for d in sorted(fold_dir.iterdir()) if (d / CHECKPOINT).is_file() and (d / DONE).is_file()]
         if dirs:
             out[int(fold_dir.name[4:])] = dirs
     return out
+
+
+def ensemble_weights(members: Sequence[TrainedModel], ensemble: EnsembleConfig) -> np.ndarray:
+    """(N, K) fusion weights of the members under the study's ensemble config (rank or equal)."""
+    if not members:
+        raise DataError("ensemble: no member models")
+    dice = np.stack([m.val_dice() for m in members])
+    return fusion_weights(dice, weighting=ensemble.weighting, by_rank=ensemble.rank_weights)
+
+
+@dataclass
+class EnsembleResult:
+    """Outputs on the prepared (stored) grid: ``labels`` (Z, Y, X) uint8 fused; ``member_labels``
+    (N, Z, Y, X) uint8; ``entropy`` (Z, Y, X) float32 vote entropy (nats); ``other_labels`` the hard
+    labels of the non-member models, in the order given."""
+
+    labels: np.ndarray
+    member_labels: np.ndarray
+    entropy: np.ndarray
+    other_labels: list[np.ndarray]
+
+
+def run_ensemble(image_of: Callable[[tuple[str, ...]], np.ndarray], members: Sequence[TrainedModel],
+                 weights: np.ndarray, *, inference: InferenceConfig, device: torch.device,
+                 others: Sequence[TrainedModel] = ()) -> EnsembleResult:
+    """Run the members (fused with ``weights`` (N, K)) and the ``others`` on one case.
+
+    image_of: ``channels -> (C, Z, Y, X) float32`` input of a model (the stored or prepared channels).
+    Memory: one model's (K, Z, Y, X) probabilities at a time plus the float64 fused sum.
+    """
+    classes = {(m.spec.num_classes, m.spec.organ_ids) for m in members}
+    if len(classes) > 1:
+        raise DataError(f"ensemble: members predict different classes ({', '.join(m.name for m in members)})")
+    acc = FusionAccumulator(weights)
+    other_labels = []
+    for i, model in enumerate([*members, *others]):
+        probs = model.probabilities(image_of(model.channels), inference=inference, device=device)
+        if i < len(members):
+            acc.add(i, probs)
+        else:
+            other_labels.append(hard_labels(probs))
+        del probs
+    stack = acc.member_labels
+    return EnsembleResult(labels=acc.labels(), member_labels=stack, entropy=vote_entropy(stack).astype(np.float32),
+                          other_labels=other_labels)

@@ -1,25 +1,32 @@
-"""``sepnet predict``: segment new CT scans with a trained ensemble, with uncertainty.
+"""``sepnet predict``: segment new CT scans with a trained study's ensemble, with uncertainty.
 
-For each input (NIfTI, NRRD, MHA, a DICOM CT series folder, or a StructSeg case folder; a folder
-of several such inputs is batch mode) it writes into ``OUTDIR/<case>/``:
+``sepnet predict -i INPUT -o OUTDIR --study STUDY`` where STUDY is a study folder trained by
+``sepnet cv``. For each input (NIfTI, NRRD, MHA, a DICOM CT series folder, or a StructSeg case folder;
+a folder of several such inputs is batch mode) it writes into ``OUTDIR/<case>/``:
 
 - ``labels.nii.gz``: the ensemble's organ labels (uint8 StructSeg ids) in the input's original
   geometry (same shape, spacing, origin, direction);
 - ``uncertainty.nii.gz``: the voxel-wise vote entropy of the members (nats), same geometry;
 - ``summary.json``: per organ the ensemble volume (cm3), each member's volume, the structure
-  uncertainty VVC = sigma/mu, and a flag when VVC exceeds the threshold;
+  uncertainty VVC = sigma/mu and a flag when VVC exceeds the threshold; the spacing the models ran
+  at (and whether the scan was resampled to it); warnings for a scan unlike the training data;
 - ``rtstruct.dcm`` when the input is a DICOM series: the labels as an RTSTRUCT on that series.
 
-Preprocessing (intensity transforms, crop, resampling) is replayed from the study store's
-``plan.json``, so inference sees exactly what training saw.
+Everything comes from the study, so a scan goes the way the evaluation's test cases went: the
+resolved config (``Layout.resolved_config``: ensemble weighting, inference patch, overlap, TTA, batch
+size; ``--overlap``/``--tta`` override), the store's plan (``sepnet.data.prepare.prepare_case``:
+resampling, crop, transforms, float16 rounding), the models (``sepnet.jobs.models.run_ensemble``).
+A scan whose spacing differs by more than 25 % on an axis from the spacing the models were trained at
+(the plan's target spacing, else the fingerprint's median) is resampled to it for inference and the
+results are pasted back into its own geometry.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
+import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,22 +34,27 @@ import torch
 
 from sepnet.core.errors import DataError, SepnetError
 from sepnet.core.organs import NUM_CLASSES, ORGAN_IDS, ORGAN_NAMES
-from sepnet.jobs.study import atomic_write_json
+from sepnet.data.case import Geometry
+from sepnet.data.prepare import Plan
+from sepnet.hpc.atomic import atomic_write_json
+from sepnet.jobs.config import InferenceConfig
 
-log = logging.getLogger("sepnet.predict")
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+SPACING_TOLERANCE = 0.25  # relative spacing difference on any axis above which a scan is resampled
+EXTENT_RANGE = (0.5, 2.0)  # warn when an axis' extent is below/above these factors of the training min/max
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--input", required=True,
                    help="a CT image (NIfTI/NRRD/MHA), a DICOM series folder, or a folder of several inputs")
     p.add_argument("-o", "--output", required=True, help="output folder (one subfolder per case)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--study", help="a study folder trained by `sepnet cv`")
-    src.add_argument("--models", help="a models folder (fold*/<model>/ with best.pt) beside a plan.json")
+    p.add_argument("--study", required=True,
+                   help="a study folder trained by `sepnet cv` (holds study.yaml, store/, models/)")
     p.add_argument("--fold", default="all", help="'all' (default: every fold's ensemble, averaged) or a fold index")
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip test-time augmentation on/off (default: the study's inference.tta)")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="sliding-window overlap in (0, 1) (default: the study's inference.overlap)")
     p.add_argument("--vvc-threshold", type=float, default=0.2,
                    help="flag organs whose volume variation coefficient exceeds this (default 0.2)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -98,87 +110,155 @@ def discover_inputs(path: Path) -> list[tuple[str, Path, str]]:
     return out
 
 
-# --------------------------------------------------------------------------- models
+# --------------------------------------------------------------------------- the study
 
-def load_ensemble(models_root: Path, fold: str):
-    """fold -> list of TrainedModel (ensemble members; all models when none is marked as member)."""
-    from sepnet.jobs.models import find_models, load_trained
+@dataclass
+class StudyEnsemble:
+    """What predict takes from a study: members of the chosen folds (fold order, then config order),
+    their pooled (N, K) fusion weights, the inference settings, the store's plan and fingerprint."""
 
-    found = find_models(models_root)
+    members: list
+    weights: np.ndarray
+    folds: list[int]
+    inference: InferenceConfig  # patch resolved
+    plan: Plan
+    fingerprint: dict
+
+
+def _chosen_folds(found: dict[int, list[Path]], member_names: list[str], fold: str, root: Path) -> list[int]:
+    complete = [f for f, dirs in sorted(found.items()) if set(member_names) <= {d.name for d in dirs}]
+    if fold == "all":
+        if not complete:
+            raise DataError(f"{root}: no fold has all ensemble members ({', '.join(member_names)}) trained")
+        return complete
+    if not fold.isdigit() or int(fold) not in complete:
+        raise DataError(f"--fold {fold}: folds with a trained ensemble are {', '.join(map(str, complete)) or 'none'}")
+    return [int(fold)]
+
+
+def load_study(root: str | Path, *, fold: str = "all", overlap: float | None = None,
+               tta: bool | None = None) -> StudyEnsemble:
+    """The ensemble of a trained study folder. DataError naming the file for a missing piece (models,
+    resolved config, plan.json) or a plan this sepnet cannot reproduce; ConfigError for a bad override."""
+    from sepnet.core.ensemble import pool_weights
+    from sepnet.core.errors import ConfigError
+    from sepnet.data.store import Store
+    from sepnet.jobs.config import load_config
+    from sepnet.jobs.evaluate import study_inference
+    from sepnet.jobs.models import ensemble_weights, find_models, load_trained
+    from sepnet.jobs.study import Layout
+
+    root = Path(root)
+    layout = Layout(root)
+    found = find_models(root)
     if not found:
-        raise DataError(f"{models_root}: no trained model (fold*/<model>/best.pt + done.json)")
-    if fold != "all":
-        if not fold.isdigit() or int(fold) not in found:
-            raise DataError(f"--fold {fold}: trained folds are {', '.join(map(str, sorted(found)))}")
-        found = {int(fold): found[int(fold)]}
-    out = {}
-    for f, dirs in found.items():
-        models = [load_trained(d) for d in dirs]
-        members = [m for m in models if m.kind == "member"]
-        out[f] = members or models
+        raise DataError(f"{root}: no trained model (models/fold*/<model>/ with best.pt and done.json)")
+    if not layout.resolved_config.is_file():
+        raise DataError(f"{layout.resolved_config}: the study's resolved config is missing (written by `sepnet cv`)")
+    cfg = load_config(layout.resolved_config)
+    names = [m.name for m in cfg.members]
+    folds = _chosen_folds(found, names, str(fold), root)
+    per_fold = [[load_trained(layout.model_dir(f, n)) for n in names] for f in folds]
+    inference = study_inference(cfg)
+    if overlap is not None:
+        if not 0 < overlap < 1:
+            raise ConfigError(f"--overlap: must be in (0, 1), got {overlap}")
+        inference = dataclasses.replace(inference, overlap=float(overlap))
+    if tta is not None:
+        inference = dataclasses.replace(inference, tta=bool(tta))
+    store = Store(layout.store)
+    return StudyEnsemble(members=[m for ms in per_fold for m in ms],
+                         weights=pool_weights([ensemble_weights(ms, cfg.ensemble) for ms in per_fold]),
+                         folds=folds, inference=inference, plan=store.plan(), fingerprint=store.fingerprint())
+
+
+# --------------------------------------------------------------------------- checks against the training data
+
+def plan_for_scan(plan: Plan, geometry: Geometry, fingerprint: dict) -> tuple[Plan, dict]:
+    """The plan to prepare a scan with, and what was decided about its spacing (for summary.json).
+
+    The models were trained at ``plan.spacing_zyx`` when the plan resamples, else at the training
+    data's median spacing (fingerprint). A plan that resamples already brings every scan there; else a
+    scan differing by more than SPACING_TOLERANCE on any axis gets ``plan.with_spacing(median)``.
+    """
+    spacing_in = [float(v) for v in geometry.spacing_zyx]
+    note = {"input_zyx": spacing_in, "model_zyx": None, "plan_resamples": plan.spacing_zyx is not None,
+            "resampled": False, "reason": None}
+    if plan.spacing_zyx is not None:
+        return plan, {**note, "model_zyx": [float(v) for v in plan.spacing_zyx],
+                      "resampled": not np.allclose(spacing_in, plan.spacing_zyx), "reason": "the plan's spacing"}
+    median = (fingerprint.get("spacing_zyx") or {}).get("median")
+    if not median:
+        return plan, {**note, "reason": "fingerprint.json has no training spacing: not checked"}
+    target = [float(v) for v in median]
+    rel = max(abs(a - b) / b for a, b in zip(spacing_in, target))
+    if rel <= SPACING_TOLERANCE:
+        return plan, {**note, "model_zyx": target}
+    reason = f"spacing differs by {rel:.0%} (> {SPACING_TOLERANCE:.0%}) from the training median"
+    return plan.with_spacing(target), {**note, "model_zyx": target, "resampled": True, "reason": reason}
+
+
+def scan_warnings(hu: np.ndarray, geometry: Geometry, fingerprint: dict) -> list[str]:
+    """Warnings for a scan far from the training data: its median body HU outside the training body
+    0.5-99.5 % percentile range, or an axis' physical extent outside EXTENT_RANGE x the training min/max."""
+    out = []
+    inten = fingerprint.get("intensity") or {}
+    pct, thr = inten.get("percentiles") or {}, float(inten.get("body_threshold_hu", -500.0))
+    body = hu[:, ::4, ::4]
+    body = body[body > thr]
+    if pct and body.size == 0:
+        out.append(f"no voxel above {thr:.0f} HU: is the image in Hounsfield units?")
+    elif pct:
+        med, lo, hi = float(np.median(body)), float(pct["0.5"]), float(pct["99.5"])
+        if not lo <= med <= hi:
+            out.append(f"median body HU {med:.0f} lies outside the training range {lo:.0f}..{hi:.0f} HU")
+    cases = (fingerprint.get("cases") or {}).values()
+    ext = np.asarray([np.multiply(c["shape"], c["spacing_zyx"]) for c in cases], dtype=float).reshape(-1, 3)
+    if ext.size:
+        mine = np.multiply(geometry.shape, geometry.spacing_zyx)
+        far = (mine < EXTENT_RANGE[0] * ext.min(0)) | (mine > EXTENT_RANGE[1] * ext.max(0))
+        if far.any():
+            out.append(f"extent (z, y, x) {np.round(mine).tolist()} mm is far from the training extents "
+                       f"{np.round(ext.min(0)).tolist()}..{np.round(ext.max(0)).tolist()} mm")
     return out
-
-
-def _plan_for(args) -> tuple[dict, Path]:
-    if args.study:
-        root = Path(args.study)
-        plan_file, models_root = root / "store" / "plan.json", root / "models"
-    else:
-        models_root = Path(args.models)
-        plan_file = next((p for p in (models_root / "plan.json", models_root.parent / "store" / "plan.json")
-                          if p.is_file()), models_root / "plan.json")
-    if not plan_file.is_file():
-        raise DataError(f"{plan_file}: preprocessing plan not found (needed to replay crop/transforms)")
-    return json.loads(plan_file.read_text()), models_root
 
 
 # --------------------------------------------------------------------------- one case
 
-def predict_case(image: np.ndarray, geometry, ensembles: dict, plan: dict, *, device: torch.device,
-                 overlap: float = 0.5, tta: bool = False, case_id: str = "case"):
-    """Ensemble prediction of one CT.
+@dataclass
+class CasePrediction:
+    """labels (uint8) and entropy (float32) in the input geometry; member_labels (N, z, y, x) uint8 and
+    spacing_zyx (mm) of the grid the models ran on; spacing: plan_for_scan's note; warnings."""
 
-    image: int16 HU (z, y, x) on ``geometry``. Returns (labels uint8, entropy float32) in the original
-    geometry, member labels (N, z, y, x) on the stored grid, and the stored-grid spacing (z, y, x) mm.
-    """
-    from sepnet.core.ensemble import rank_weights, vote_entropy
-    from sepnet.core.inference import sliding_window
-    from sepnet.core.intensity import apply_transform
-    from sepnet.data.store import CaseMeta, centre_crop_box, crop_like, resampled_grid, to_original
+    labels: np.ndarray
+    entropy: np.ndarray
+    member_labels: np.ndarray
+    spacing_zyx: tuple[float, float, float]
+    spacing: dict
+    warnings: list[str]
 
-    spacing = plan.get("spacing_zyx")
-    grid = resampled_grid(geometry, spacing) if spacing else geometry
-    box = centre_crop_box(grid.shape, plan.get("crop"))
-    stored_shape = tuple(b - a for a, b in box)
-    meta = CaseMeta(case_id=case_id, channels=tuple(plan.get("transforms", ())), geometry=geometry, grid=grid,
-                    crop_box=box, spacing_zyx=grid.spacing_zyx, stored_shape=stored_shape, annotated=(),
-                    source_hash="")
-    hu = crop_like(image.astype(np.float32), meta, order=1)
-    channels: dict[str, np.ndarray] = {}
-    fused_all = None
-    member_labels = []
-    for _fold, members in ensembles.items():
-        dice = np.stack([m.val_dice(NUM_CLASSES) for m in members])
-        w = rank_weights(dice) if len(members) > 1 and np.isfinite(dice).any() else np.ones((len(members),
-                                                                                               NUM_CLASSES))
-        fused = None
-        for i, m in enumerate(members):
-            for t in m.channels:
-                if t not in channels:
-                    channels[t] = apply_transform(hu, t).astype(np.float32)
-            vol = np.stack([channels[t] for t in m.channels])
-            patch = list(m.spec.get("patch") or [16, 128, 128])
-            probs = sliding_window(vol, m.predictor(device), num_classes=NUM_CLASSES, patch=patch, overlap=overlap,
-                                   batch_size=2, tta=tta, device=device)
-            member_labels.append(probs.argmax(0).to(torch.uint8).cpu().numpy())
-            wi = torch.as_tensor(w[i], dtype=torch.float32).view(-1, 1, 1, 1)
-            fused = probs * wi if fused is None else fused.add_(probs * wi)
-        fused /= torch.as_tensor(w.sum(0), dtype=torch.float32).clamp_min(1e-12).view(-1, 1, 1, 1)
-        fused_all = fused if fused_all is None else fused_all.add_(fused)
-    labels = fused_all.argmax(0).to(torch.uint8).cpu().numpy()
-    stack = np.stack(member_labels)
-    entropy = vote_entropy(stack).astype(np.float32)
-    return (to_original(labels, meta, order=0), to_original(entropy, meta, order=1), stack, grid.spacing_zyx)
+
+def predict_case(hu: np.ndarray, geometry: Geometry, ens: StudyEnsemble, *, device: torch.device,
+                 case_id: str = "case") -> CasePrediction:
+    """Ensemble prediction of one CT (``hu`` int16 (z, y, x) on ``geometry``): prepared as the store's
+    cases were, run by ``run_ensemble`` as evaluation runs them, labels and entropy pasted back."""
+    from sepnet.data.grid import to_original
+    from sepnet.data.prepare import prepare_case
+    from sepnet.jobs.models import run_ensemble
+
+    plan, spacing = plan_for_scan(ens.plan, geometry, ens.fingerprint)
+    needed = [c for c in plan.channels if any(c in m.channels for m in ens.members)]
+    prep = prepare_case(hu, geometry, plan, case_id=case_id, channels=needed)
+    index = {c: i for i, c in enumerate(prep.meta.channels)}
+
+    def image_of(channels: tuple[str, ...]) -> np.ndarray:
+        return prep.image[[index[c] for c in channels]]
+
+    out = run_ensemble(image_of, ens.members, ens.weights, inference=ens.inference, device=device)
+    return CasePrediction(labels=to_original(out.labels, prep.meta, order=0),
+                          entropy=to_original(out.entropy, prep.meta, order=1), member_labels=out.member_labels,
+                          spacing_zyx=tuple(prep.meta.spacing_zyx), spacing=spacing,
+                          warnings=scan_warnings(hu, geometry, ens.fingerprint))
 
 
 def organ_summary(labels_orig: np.ndarray, spacing_orig_zyx, member_labels: np.ndarray, spacing_zyx, *,
@@ -201,9 +281,10 @@ def organ_summary(labels_orig: np.ndarray, spacing_orig_zyx, member_labels: np.n
     return organs
 
 
+# --------------------------------------------------------------------------- CLI
+
 def run(args: argparse.Namespace) -> int:
-    plan, models_root = _plan_for(args)
-    ensembles = load_ensemble(models_root, str(args.fold))
+    ens = load_study(args.study, fold=str(args.fold), overlap=args.overlap, tta=args.tta)
     inputs = discover_inputs(Path(args.input))
     out_root = Path(args.output)
     try:
@@ -214,44 +295,50 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise DataError(f"{out_root}: output folder is not writable ({e.strerror})") from None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with torch.no_grad():  # a context: the caller's grad mode is left as it was
-        return _predict_all(args, inputs, ensembles, plan, out_root, device)
-
-
-def _predict_all(args, inputs, ensembles, plan, out_root: Path, device) -> int:
-    from tqdm import tqdm
-
-    from sepnet.data.readers import read_image
-
-    n_models = sum(len(v) for v in ensembles.values())
-    print(f"{len(inputs)} input(s); ensemble of {n_models} model(s) from fold(s) {', '.join(map(str, ensembles))}")
+    print(f"{len(inputs)} input(s); ensemble of {len(ens.members)} model(s) from fold(s) "
+          f"{', '.join(map(str, ens.folds))}")
     failed = 0
-    for case, path, kind in tqdm(inputs, desc="predict", unit="case", disable=not sys.stderr.isatty()):
-        try:
-            image, geom = read_image(path)
-            labels, entropy, member_labels, spacing = predict_case(
-                image, geom, ensembles, plan, device=device, overlap=args.overlap, tta=args.tta, case_id=case)
-            out = out_root / case
-            from sepnet.data.readers import write_labels, write_volume
-
-            write_labels(labels, geom, out / "labels.nii.gz")
-            write_volume(entropy, geom, out / "uncertainty.nii.gz")
-            organs = organ_summary(labels, geom.spacing_zyx, member_labels, spacing,
-                                   vvc_threshold=args.vvc_threshold)
-            summary = {
-                "case": case, "input": str(path), "n_members": int(member_labels.shape[0]),
-                "folds": sorted(ensembles), "mean_entropy": float(entropy.mean()),
-                "flagged_organs": [n for n, o in organs.items() if o["high_uncertainty"]], "organs": organs,
-            }
-            if kind == "dicom":
-                from sepnet.data.readers import write_rtstruct
-
-                write_rtstruct(labels, path, out / "rtstruct.dcm", organ_names=ORGAN_NAMES)
-                summary["rtstruct"] = str(out / "rtstruct.dcm")
-            atomic_write_json(out / "summary.json", summary)
-            flagged = ", ".join(summary["flagged_organs"]) or "none"
-            print(f"{case}: {int((labels > 0).sum())} organ voxels -> {out} (high uncertainty: {flagged})")
-        except SepnetError as e:
-            failed += 1
-            print(f"{case}: error: {e}", file=sys.stderr)
+    with torch.no_grad():  # a context: the caller's grad mode is left as it was
+        for case, path, kind in inputs:
+            try:
+                print(_predict_one(case, path, kind, ens, out_root / case, device=device,
+                                   vvc_threshold=args.vvc_threshold))
+            except SepnetError as e:
+                failed += 1
+                print(f"{case}: error: {e}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _predict_one(case: str, path: Path, kind: str, ens: StudyEnsemble, out: Path, *, device: torch.device,
+                 vvc_threshold: float) -> str:
+    """Predict and write one input; returns the line to print."""
+    from sepnet.data.readers import read_image, write_labels, write_volume
+
+    image, geom = read_image(path)
+    pred = predict_case(image, geom, ens, device=device, case_id=case)
+    write_labels(pred.labels, geom, out / "labels.nii.gz")
+    write_volume(pred.entropy, geom, out / "uncertainty.nii.gz")
+    organs = organ_summary(pred.labels, geom.spacing_zyx, pred.member_labels, pred.spacing_zyx,
+                           vvc_threshold=vvc_threshold)
+    summary = {
+        "case": case, "input": str(path), "n_members": int(pred.member_labels.shape[0]), "folds": ens.folds,
+        "spacing": pred.spacing, "warnings": pred.warnings, "mean_entropy": float(pred.entropy.mean()),
+        "flagged_organs": [n for n, o in organs.items() if o["high_uncertainty"]], "organs": organs,
+    }
+    if kind == "dicom":
+        from sepnet.data.readers import write_rtstruct
+
+        write_rtstruct(pred.labels, path, out / "rtstruct.dcm", organ_names=ORGAN_NAMES)
+        summary["rtstruct"] = str(out / "rtstruct.dcm")
+    atomic_write_json(out / "summary.json", summary)
+    line = (f"{case}: {int((pred.labels > 0).sum())} organ voxels -> {out} "
+            f"(high uncertainty: {', '.join(summary['flagged_organs']) or 'none'})")
+    sp = pred.spacing
+    if sp["resampled"] and not sp["plan_resamples"]:
+        line += (f"; resampled from {_mm(sp['input_zyx'])} to the models' {_mm(sp['model_zyx'])} mm "
+                 f"({sp['reason']}) and pasted back")
+    return line + "".join(f"\n  warning: {w}" for w in pred.warnings)
+
+
+def _mm(spacing) -> str:
+    return " x ".join(f"{float(v):.2f}" for v in spacing)

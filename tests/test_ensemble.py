@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from sepnet.core.ensemble import (
+    FusionAccumulator,
     default_rank_weights,
     entropy_levels,
     fuse,
+    fusion_weights,
     member_volumes,
+    pool_weights,
     quantise_levels,
     rank_weights,
     vote_entropy,
@@ -82,6 +85,69 @@ def test_fuse_hand_computed_three_members():
     np.testing.assert_allclose(fuse(iter(p)), p.mean(axis=0), atol=1e-6)
     with pytest.raises(ValueError):
         fuse(list(p)[:2], w)
+
+
+def test_fusion_accumulator_streams_members_in_any_order():
+    p = np.array([[[0.2, 0.6], [0.8, 0.4]], [[0.5, 1.0], [0.5, 0.0]], [[1.0, 0.0], [0.0, 1.0]]], dtype=np.float32)
+    w = np.array([[2, 1], [1, 1], [1, 2]], dtype=float)
+    expected = np.array([[0.475, 0.55], [0.325, 0.6]], dtype=np.float32)  # hand-computed above
+    acc = FusionAccumulator(w)
+    for i in (2, 0, 1):  # members arrive in any order; each is added once and not kept
+        labels = acc.add(i, p[i])
+        np.testing.assert_array_equal(labels, p[i].argmax(0))
+        assert labels.dtype == np.uint8
+    np.testing.assert_allclose(acc.probs(), expected, atol=1e-6)
+    np.testing.assert_array_equal(acc.labels(), [0, 1])  # 0.475 > 0.325; 0.55 < 0.6
+    np.testing.assert_array_equal(acc.member_labels, p.argmax(1))  # in member index order
+    # torch members: the sum stays torch, labels come back as numpy
+    t = FusionAccumulator(w)
+    for i in range(3):
+        t.add(i, torch.from_numpy(p[i]))
+    assert isinstance(t.probs(), torch.Tensor)
+    np.testing.assert_allclose(t.probs().numpy(), expected, atol=1e-6)
+    np.testing.assert_array_equal(t.labels(), [0, 1])
+
+
+def test_fusion_accumulator_refuses_misuse():
+    p = np.full((2, 3), 0.5, dtype=np.float32)
+    acc = FusionAccumulator(np.ones((2, 2)))
+    acc.add(0, p)
+    with pytest.raises(ValueError, match="twice"):
+        acc.add(0, p)
+    with pytest.raises(ValueError, match="1 members but 2"):
+        acc.probs()
+    with pytest.raises(ValueError, match="shape"):
+        acc.add(1, np.full((2, 4), 0.5))
+    with pytest.raises(ValueError, match="weight row"):
+        acc.add(5, p)
+    with pytest.raises(ValueError, match="no members"):
+        FusionAccumulator().probs()
+    assert FusionAccumulator(keep_labels=False).add(0, p) is None
+
+
+def test_fusion_weights_from_the_ensemble_config():
+    dice = np.array([[0.5, 0.8, np.nan], [0.7, 0.8, np.nan], [0.6, 0.3, np.nan]])
+    np.testing.assert_array_equal(fusion_weights(dice, weighting="equal"), np.ones((3, 3)))
+    w = fusion_weights(dice, weighting="rank")
+    # classes 0, 1 ranked as in test_rank_weights_three_members_ties_and_nan; class 2 has no Dice at all:
+    # nothing to rank by, so equal weights rather than favouring member 0
+    np.testing.assert_array_equal(w, [[1, 2, 1], [2, 1, 1], [1, 1, 1]])
+    np.testing.assert_array_equal(fusion_weights(dice, weighting="rank", by_rank=[10, 5, 0])[:, 0], [0, 10, 5])
+    with pytest.raises(ConfigError, match="rank_weights"):
+        fusion_weights(dice, weighting="rank", by_rank=[1, 1])
+    with pytest.raises(ConfigError, match="weighting"):
+        fusion_weights(dice, weighting="vote")
+
+
+def test_pool_weights_fuses_to_the_mean_of_the_ensembles():
+    rng = np.random.default_rng(0)
+    pa, pb = rng.dirichlet(np.ones(3), size=(2, 5)).transpose(0, 2, 1), rng.dirichlet(np.ones(3), size=(3, 5))
+    pb = pb.transpose(0, 2, 1)  # (N, K=3, 5 voxels)
+    wa, wb = rng.uniform(0.5, 3, (2, 3)), rng.uniform(0.5, 3, (3, 3))
+    pooled = pool_weights([wa, wb])
+    assert pooled.shape == (5, 3)
+    np.testing.assert_allclose(fuse(np.concatenate([pa, pb]), pooled), (fuse(pa, wa) + fuse(pb, wb)) / 2, atol=1e-6)
+    np.testing.assert_array_equal(pool_weights([wa]), wa)  # one ensemble: its weights unchanged
 
 
 def _stack_for_partitions():

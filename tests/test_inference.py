@@ -10,6 +10,7 @@ import torch
 
 from sepnet.core.inference import (
     STRUCTSEG_LR_PAIRS,
+    autocast_dtype,
     gaussian_importance,
     reference_windows,
     sliding_window,
@@ -196,3 +197,17 @@ def test_reference_windows_per_voxel_and_coverage():
     thin_labels, thin = onehot_volume((5, 8, 8), k, seed=4)  # thinner than a window: padded in z
     out = reference_windows(thin, identity, num_classes=k)
     assert out.shape == (k, 5, 8, 8) and np.array_equal(out.argmax(0).numpy(), thin_labels)
+
+
+# ----------------------------------------------------------------------------------------- autocast
+
+def test_autocast_dtype_per_device(monkeypatch):
+    assert autocast_dtype("cpu") is None and autocast_dtype(torch.device("cpu")) is None
+    # no CUDA device at hand: stand in for torch.cuda to check the rule (bf16 from compute capability 8.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    caps = {0: (9, 0), 1: (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: caps[torch.device(d).index or 0])
+    assert autocast_dtype("cuda") is torch.bfloat16
+    assert autocast_dtype("cuda:1") is torch.float16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert autocast_dtype("cuda") is None

@@ -97,3 +97,62 @@ def test_predict_batch_and_bad_input(trained_study, tmp_path, capsys):
     shutil.copytree(study / "store", empty / "store", ignore=shutil.ignore_patterns("cases"))
     assert main(["predict", "-i", str(folder), "-o", str(out), "--study", str(empty)]) == 2
     assert "no trained model" in capsys.readouterr().err
+
+
+def test_predict_resamples_a_scan_at_another_spacing_and_warns(trained_study, tmp_path, capsys):
+    study = trained_study.parent / "study"
+    case = make_case(seed=[96, 0], size="tiny", case_id="fine")
+    # half the in-plane spacing the models were trained at (3.8 mm), and HU far above any CT's
+    img = sitk.GetImageFromArray((case.image.astype(np.int32) + 3000).astype(np.int16))
+    img.SetSpacing((1.9, 1.9, case.geometry.spacing[2]))
+    src = tmp_path / "fine.nii.gz"
+    sitk.WriteImage(img, str(src))
+    out = tmp_path / "out"
+    assert main(["predict", "-i", str(src), "-o", str(out), "--study", str(study), "--fold", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "resampled from" in printed and "warning: median body HU" in printed
+    _same_geometry(sitk.ReadImage(str(out / "fine" / "labels.nii.gz")), img)
+    _same_geometry(sitk.ReadImage(str(out / "fine" / "uncertainty.nii.gz")), img)
+    summary = json.loads((out / "fine" / "summary.json").read_text())
+    sp = summary["spacing"]
+    assert sp["resampled"] and not sp["plan_resamples"] and sp["input_zyx"][1:] == pytest.approx([1.9, 1.9])
+    fp = json.loads((study / "store" / "fingerprint.json").read_text())
+    assert sp["model_zyx"] == pytest.approx(fp["spacing_zyx"]["median"])
+    assert any("HU" in w for w in summary["warnings"])
+
+
+def test_predict_refuses_a_plan_it_cannot_reproduce(trained_study, tmp_path, capsys):
+    study = trained_study.parent / "study"
+    old = tmp_path / "old"
+    shutil.copytree(study / "store", old / "store", ignore=shutil.ignore_patterns("cases"))
+    (old / "store" / "cases").mkdir()
+    shutil.copy(study / "study.yaml", old / "study.yaml")
+    (old / "models").symlink_to(study / "models")
+    # a plan.json of an older sepnet: transform names only, no breakpoints, fill or dtype
+    (old / "store" / "plan.json").write_text(json.dumps({"transforms": ["SLF1", "SLF2"], "crop": None}))
+    src = tmp_path / "in"
+    write_case(make_case(seed=[95, 0], size="tiny", case_id="x"), src, format="structseg")
+    assert main(["predict", "-i", str(src / "x"), "-o", str(tmp_path / "out"), "--study", str(old)]) == 2
+    err = capsys.readouterr().err
+    assert "plan.json" in err and "Traceback" not in err
+
+
+def test_load_trained_reads_spec_done_and_weights_only(trained_study, tmp_path):
+    from sepnet.core.errors import DataError
+    from sepnet.jobs.models import load_trained
+    from sepnet.jobs.spec import ModelSpec
+
+    src = trained_study.parent / "study" / "models" / "fold0" / "sep-slf1-a05"
+    model_dir = tmp_path / "m"
+    shutil.copytree(src, model_dir)
+    model = load_trained(model_dir)
+    assert model.spec == ModelSpec.read(src) and model.channels == ("SLF1",)
+    assert model.val_dice().shape == (model.spec.num_classes,)
+    (model_dir / "spec.json").unlink()
+    with pytest.raises(DataError, match="spec.json"):
+        load_trained(model_dir)
+    shutil.copy(src / "spec.json", model_dir / "spec.json")
+    data = (model_dir / "best.pt").read_bytes()
+    (model_dir / "best.pt").write_bytes(data[: len(data) // 2])  # a truncated checkpoint
+    with pytest.raises(DataError, match="best.pt"):
+        load_trained(model_dir)
