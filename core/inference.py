@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from sepnet.core.organs import NUM_CLASSES, ORGAN_NAMES
+from sepnet.core.organs import NUM_CLASSES, STRUCTSEG22
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -25,9 +25,7 @@ AXES = {"z": 0, "y": 1, "x": 2}
 
 # StructSeg left/right class pairs (Eye_L/Eye_R, ...): an x-flipped head shows the patient's right organ
 # where the left one was, so the prediction of a flipped input must swap these channels when flipped back.
-STRUCTSEG_LR_PAIRS: tuple[tuple[int, int], ...] = tuple(
-    (i, j) for i, n in ORGAN_NAMES.items() if n.endswith("_L") for j, m in ORGAN_NAMES.items() if m == n[:-2] + "_R"
-)
+STRUCTSEG_LR_PAIRS: tuple[tuple[int, int], ...] = STRUCTSEG22.lr_pairs
 
 
 def autocast_dtype(device: str | torch.device) -> torch.dtype | None:

@@ -99,6 +99,14 @@ class OrganSubset:
     def class_names(self) -> tuple[str, ...]:
         return ("background", *(n for n, _ in self.classes))
 
+    @property
+    def lr_pairs(self) -> tuple[tuple[int, int], ...]:
+        """Class index pairs (left, right) whose channels swap under a left-right mirror: classes named
+        ``<organ>_L`` / ``<organ>_R`` (a merged class such as COMMON7's Mandible pairs with nothing)."""
+        index = {n: k for k, n in enumerate(self.class_names)}
+        return tuple((k, index[n[:-2] + "_R"]) for n, k in index.items()
+                     if n.endswith("_L") and n[:-2] + "_R" in index)
+
     def lut(self) -> np.ndarray:
         """(NUM_CLASSES,) uint8: StructSeg label -> subset class index (0 outside the subset)."""
         out = np.zeros(NUM_CLASSES, dtype=np.uint8)

@@ -31,7 +31,7 @@ from sepnet.core.organs import ORGAN_NAMES
 from sepnet.data.case import Case, Geometry
 from sepnet.data.formats import READERS, WRITERS, check_case
 from sepnet.data.layouts import FORMATS, CaseRef, case_format, detect_format, list_cases, make_ref
-from sepnet.data.validation import as_hu
+from sepnet.data.validation import as_hu, stat_problem
 from sepnet.data.volume_io import read_ct, write_labels, write_volume
 from sepnet.hpc.atomic import replace_dir, temp_path
 
@@ -80,7 +80,7 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     if path.is_file() and dicom_series.is_dicom_file(path):
         path = path.parent
     if not path.exists():
-        raise DataError(f"{path}: not found")
+        raise DataError(f"{path}: {stat_problem(path) or 'not found'}")
     if path.is_dir():
         fmt = case_format(path)
         if fmt:

@@ -1,11 +1,21 @@
 """Evaluation jobs: every trained model of a fold and their ensemble on the fold's test cases.
 
-``EvalTask(spec)()`` (submitted by ``sepnet cv`` after the fold's trainings) writes into
-``<root>/eval/fold<F>/``: ``metrics.csv`` (fold, model, case, organ: Dice, HD95, ASSD, volumes, flag),
-``vvc.csv`` (structure uncertainty vs ensemble Dice), ``uncertainty.json`` (Fig. 12 counts),
-``figures/`` (overlays and uncertainty maps of the first test case), ``ensemble/`` (fused labels and
-vote-entropy maps in the original geometry, NIfTI) and ``done.json`` last. Metrics also go to MLflow.
-Each case goes through ``sepnet.jobs.models.run_ensemble``, the inference path ``sepnet predict`` uses.
+``EvalTask(spec)()`` (submitted by ``sepnet cv`` after the fold's trainings) first predicts the fold's
+validation cases with the ensemble (one pass, the test cases' inference settings) and decides the
+keep-largest-component postprocessing per organ (``sepnet.core.postprocess.choose_postprocessing``),
+then writes into ``<root>/eval/fold<F>/``: ``postprocess.json`` (the decision, ``PostprocessDecision.to_dict``
+plus ``val_cases``), ``metrics.csv`` (fold, model, case, organ: Dice, HD95, ASSD, volumes, flag; model
+``ensemble+pp`` = the ensemble after that postprocessing), ``vvc.csv`` (structure uncertainty vs ensemble
+Dice), ``uncertainty.json`` (Fig. 12 counts, pooled and per case: ``counts_to_json``), ``figures/``
+(overlays and uncertainty maps of the first test case), ``ensemble/`` (the final, postprocessed labels,
+i.e. what ``sepnet predict`` gives, and vote-entropy maps in the original geometry, NIfTI) and
+``done.json`` last. Metrics also go to MLflow. It prints one line per case (seconds, ensemble mean Dice)
+and one summary line per model (weighted Dice, weighted HD95 with the missed organs beside it).
+
+Cases are read with ``Store.read_checked`` (a damaged case is a DataError naming it). Each case goes
+through ``sepnet.jobs.models.run_ensemble``, the inference path ``sepnet predict`` uses; its class
+indices become StructSeg ids (``to_organ_ids``) and a model on an organ subset is evaluated on that
+subset's organs only, against the reference as the subset sees it (``subset_reference``).
 
 ``sepnet evaluate --pred DIR --ref DIR`` compares label files (NIfTI/NRRD) case by case.
 """
@@ -27,12 +37,14 @@ import numpy as np
 import torch
 
 from sepnet.core.errors import DataError
-from sepnet.core.organs import ORGAN_IDS
 from sepnet.hpc.atomic import atomic_write_json, atomic_write_text
 from sepnet.jobs.config import EnsembleConfig, EvaluationConfig, InferenceConfig, StudyConfig
 from sepnet.jobs.study import Layout
 
 log = logging.getLogger("sepnet.evaluate")
+
+PP_MODEL = "ensemble+pp"  # the ensemble after the fold's postprocessing (a report column, never in a claim)
+POSTPROCESS_FILE = "postprocess.json"
 
 METRIC_FIELDS = ["fold", "model", "case", "organ", "name", "dice", "hd95", "assd", "vol_pred_cm3",
                  "vol_ref_cm3", "flag"]
@@ -66,6 +78,7 @@ class EvalSpec:
     fold_run_key: str | None = None
     save_maps: bool = True
     threads: int | None = None  # torch intra-op threads (executor.cpus_per_task)
+    val_cases: list[str] = field(default_factory=list)  # the fold's validation cases: decide postprocessing
 
 
 def make_eval_spec(cfg: StudyConfig, folds: list[dict], fold: int) -> EvalSpec:
@@ -76,7 +89,8 @@ def make_eval_spec(cfg: StudyConfig, folds: list[dict], fold: int) -> EvalSpec:
     layout = Layout(Path(cfg.root))
     return EvalSpec(
         study=cfg.name, study_root=str(layout.root), store=str(layout.store), fold=fold,
-        test_cases=list(folds[fold]["test"]), models=[m.name for m in cfg.models()],
+        test_cases=list(folds[fold]["test"]), val_cases=list(folds[fold].get("val") or []),
+        models=[m.name for m in cfg.models()],
         members=[m.name for m in cfg.members], inference=study_inference(cfg),
         ensemble=dataclasses.replace(cfg.ensemble), evaluation=dataclasses.replace(cfg.evaluation),
         mlflow_uri=tracking.resolve_uri(cfg), experiment=cfg.mlflow.experiment or cfg.name,
@@ -95,11 +109,46 @@ def _device() -> torch.device:
 
 @dataclass
 class _Results:
-    """What the fold's cases add up to: metrics per model and case, VVC rows, uncertainty counts."""
+    """What the fold's test cases add up to: metrics per model and case, VVC rows, uncertainty counts
+    per case."""
 
     by_model: dict[str, dict[str, list]]
     vvc_rows: list[dict] = field(default_factory=list)
-    counts: list = field(default_factory=list)
+    counts: dict = field(default_factory=dict)  # case -> UncertaintyCounts
+
+
+@dataclass
+class _Case:
+    """One stored case checked against its checksums: meta, ``image_of(channels)`` and the reference."""
+
+    meta: object
+    image_of: object
+    ref: np.ndarray
+
+
+def _read_case(store, case: str, models) -> _Case:
+    """The channels the models need and the label of ``case``, read once with ``Store.read_checked``:
+    a damaged case raises DataError naming it."""
+    needed = list(dict.fromkeys(c for m in models for c in m.channels))
+    image, ref = store.read_checked(case, needed)
+    index = {c: i for i, c in enumerate(needed)}
+
+    def image_of(channels: tuple[str, ...]) -> np.ndarray:
+        return image[[index[c] for c in channels]].astype(np.float32)
+
+    return _Case(meta=store.meta(case), image_of=image_of, ref=ref)
+
+
+def _mean_dice(metrics: list) -> float:
+    vals = [m.dice for m in metrics if m.flag.value != "not_annotated" and math.isfinite(m.dice)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def summary_line(name: str, summary: dict) -> str:
+    """One printed line of a model's ``metrics_table`` summary; HD95 with the missed organs beside it
+    (a missed organ has no HD95 and is left out of its mean)."""
+    return (f"{name}: weighted Dice {summary['dice_weighted']:.4f}, weighted HD95 {summary['hd95_weighted']:.2f} mm "
+            f"({summary.get('missed', 0)} missed organ(s)) over {summary['cases']} case(s)")
 
 
 class EvalTask:
@@ -129,67 +178,100 @@ class EvalTask:
         members = [models[n] for n in s.members]
         others = [m for n, m in models.items() if n not in s.members]
         weights = ensemble_weights(members, s.ensemble)
-        res = _Results(by_model={name: {} for name in [*models, "ensemble"]})
+        decision = self._decide_postprocessing(store, members, weights, out=out)
+        res = _Results(by_model={name: {} for name in [*models, "ensemble", PP_MODEL]})
         for ci, case in enumerate(s.test_cases):
-            self._evaluate_case(case, store, members, others, weights, res, out=out, first=ci == 0)
-        return self._write(out, models, members, weights, res, seconds=time.time() - t0)
+            self._evaluate_case(case, store, members, others, weights, res, decision=decision, out=out,
+                                first=ci == 0)
+        done = self._write(out, models, members, weights, res, seconds=time.time() - t0)
+        for name, summary in done["summary"].items():
+            print(f"fold {s.fold} {summary_line(name, summary)}", flush=True)
+        return done
 
-    def _evaluate_case(self, case: str, store, members, others, weights, res: _Results, *, out: Path,
+    def _decide_postprocessing(self, store, members, weights, *, out: Path):
+        """Predict the fold's validation cases with the ensemble (one pass, the test cases' settings),
+        choose keep-largest-component per organ (``choose_postprocessing``), write postprocess.json."""
+        from sepnet.core.postprocess import choose_postprocessing
+        from sepnet.jobs.models import run_ensemble, subset_annotated, subset_reference, to_organ_ids
+
+        s, subset = self.spec, members[0].spec.subset
+        preds, refs, annotated = [], [], []
+        for case in s.val_cases:
+            t0 = time.time()
+            c = _read_case(store, case, members)
+            ens = run_ensemble(c.image_of, members, weights, inference=s.inference, device=_device())
+            preds.append(to_organ_ids(ens.labels, subset))
+            refs.append(subset_reference(c.ref, subset))
+            annotated.append(subset_annotated(c.meta.annotated, subset))
+            print(f"fold {s.fold} validation case {case}: {time.time() - t0:.1f} s (for postprocessing)", flush=True)
+        organs = [int(i) for i in subset.inverse_lut()[1:]]
+        decision = choose_postprocessing(preds, refs, organs=organs, annotated=annotated)
+        atomic_write_json(out / POSTPROCESS_FILE, {**decision.to_dict(), "val_cases": list(s.val_cases)})
+        return decision
+
+    def _evaluate_case(self, case: str, store, members, others, weights, res: _Results, *, decision, out: Path,
                        first: bool) -> None:
         from sepnet.core.ensemble import member_volumes, vvc
+        from sepnet.core.postprocess import apply_postprocessing
         from sepnet.evaluation.metrics import evaluate_case
         from sepnet.evaluation.uncertainty import error_counts
-        from sepnet.jobs.models import run_ensemble
+        from sepnet.jobs.models import run_ensemble, subset_annotated, subset_reference, to_organ_ids
 
-        s = self.spec
-        meta, ref = store.meta(case), store.read_label(case)
-        images: dict[tuple[str, ...], np.ndarray] = {}
+        s, t0 = self.spec, time.time()
+        c = _read_case(store, case, [*members, *others])
+        ens = run_ensemble(c.image_of, members, weights, inference=s.inference, device=_device(), others=others)
 
-        def image_of(channels: tuple[str, ...]) -> np.ndarray:
-            if channels not in images:
-                images[channels] = store.read_image(case, list(channels))
-            return images[channels]
-
-        ens = run_ensemble(image_of, members, weights, inference=s.inference, device=_device(), others=others)
-
-        def metrics(labels: np.ndarray) -> list:
-            return evaluate_case(labels, ref, spacing_zyx=meta.spacing_zyx, annotated=meta.annotated,
+        def metrics(organ_labels: np.ndarray, subset) -> list:
+            # only the organs of the model's subset, against the reference as that subset sees it
+            return evaluate_case(organ_labels, subset_reference(c.ref, subset), spacing_zyx=c.meta.spacing_zyx,
+                                 organs=[int(i) for i in subset.inverse_lut()[1:]],
+                                 annotated=subset_annotated(c.meta.annotated, subset),
                                  convention=s.evaluation.hd_convention, percentile=s.evaluation.percentile)
 
         for model, labels in [*zip(members, ens.member_labels), *zip(others, ens.other_labels)]:
-            res.by_model[model.name][case] = metrics(labels)
-        ens_metrics = res.by_model["ensemble"][case] = metrics(ens.labels)
-        res.counts.append(error_counts(ens.labels, ref, ens.entropy, n_members=len(members),
-                                       annotated=meta.annotated))
-        v = vvc(member_volumes(ens.member_labels, spacing_zyx=meta.spacing_zyx, organs=ORGAN_IDS))
+            res.by_model[model.name][case] = metrics(to_organ_ids(labels, model.spec.subset), model.spec.subset)
+        subset = members[0].spec.subset
+        fused = to_organ_ids(ens.labels, subset)
+        ens_metrics = res.by_model["ensemble"][case] = metrics(fused, subset)
+        final = apply_postprocessing(fused, decision)  # the labels `sepnet predict` gives
+        res.by_model[PP_MODEL][case] = metrics(final, subset)
+        ref, annotated = subset_reference(c.ref, subset), subset_annotated(c.meta.annotated, subset)
+        res.counts[case] = error_counts(fused, ref, ens.entropy, n_members=len(members),
+                                        annotated=annotated)
+        organs = [int(i) for i in subset.inverse_lut()[1:]]
+        v = vvc(member_volumes(to_organ_ids(ens.member_labels, subset), spacing_zyx=c.meta.spacing_zyx, organs=organs))
         for m, organ_vvc in zip(ens_metrics, v):
             if m.flag.value != "not_annotated":
                 res.vvc_rows.append({"fold": s.fold, "case": case, "organ": m.organ, "name": m.name,
                                      "vvc": float(organ_vvc), "dice": m.dice})
         if s.save_maps:
-            self._save_maps(out, case, store, meta, ens.labels, ens.entropy, ref, first=first)
+            self._save_maps(out, case, store, c.meta, final, ens.entropy, ref, first=first)
+        print(f"fold {s.fold} case {case}: {time.time() - t0:.1f} s, ensemble mean Dice {_mean_dice(ens_metrics):.4f}",
+              flush=True)
 
     def _write(self, out: Path, models: dict, members: list, weights: np.ndarray, res: _Results, *,
                seconds: float) -> dict:
         from sepnet.evaluation.metrics import metrics_table, to_rows
-        from sepnet.evaluation.uncertainty import pool
+        from sepnet.evaluation.uncertainty import counts_to_json
 
         s = self.spec
         rows = [{"fold": s.fold, "model": name, **r} for name, by_case in res.by_model.items()
                 for r in to_rows(by_case)]
         atomic_write_text(out / "metrics.csv", rows_to_csv(rows, METRIC_FIELDS))
         atomic_write_text(out / "vvc.csv", rows_to_csv(res.vvc_rows, ["fold", "case", "organ", "name", "vvc", "dice"]))
-        pooled = pool(res.counts)
-        atomic_write_json(out / "uncertainty.json", pooled.to_dict() if pooled else {})
+        atomic_write_json(out / "uncertainty.json", counts_to_json(res.counts))
         summaries = {name: metrics_table(by_case)["summary"] for name, by_case in res.by_model.items() if by_case}
         done = {
             "fold": s.fold,
             "cases": s.test_cases,
+            "val_cases": s.val_cases,
             "members": [m.name for m in members],
             "weights": weights.tolist(),
             "models": {name: {"kind": m.kind, "network": m.spec.network, "transform": m.channels[0],
                               "loss": m.spec.loss, "alpha": m.spec.alpha, "params": m.done.get("params"),
-                              "train_seconds": m.done.get("train_seconds")} for name, m in models.items()},
+                              "train_seconds": m.done.get("train_seconds"), "organs": m.spec.organs}
+                       for name, m in models.items()},
+            "postprocess": POSTPROCESS_FILE,
             "summary": summaries,
             "seconds": seconds,
         }
@@ -227,7 +309,10 @@ class EvalTask:
             client = tracking.client(s.mlflow_uri)
             exp = tracking.ensure_experiment(client, s.experiment)
             parent = tracking.find_run(client, exp, s.fold_run_key) if s.fold_run_key else None
+            pp = summaries.get(PP_MODEL, {})
             for name, summary in summaries.items():
+                if name == PP_MODEL:  # no run of its own: its summary goes to the ensemble's run (test_pp_*)
+                    continue
                 run_id = tracking.get_or_create_run(
                     client, exp, key=model_run_key(s.study, s.fold, name), name=f"fold{s.fold}/{name}",
                     parent_run_id=parent, tags={"sepnet.fold": str(s.fold), "sepnet.model": name},
@@ -239,12 +324,15 @@ class EvalTask:
                     for k in ("dice_mean", "hd95_mean"):
                         if math.isfinite(row[k]):
                             metrics[f"test_{k.split('_')[0]}_{row['name']}"] = row[k]
+                if name == "ensemble":
+                    metrics.update({f"test_pp_{k}": v for k, v in pp.items()
+                                    if isinstance(v, float) and math.isfinite(v)})
                 from mlflow.entities import Metric
 
                 ts = int(time.time() * 1000)
                 client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
                 if name == "ensemble":
-                    for f in ("metrics.csv", "vvc.csv", "uncertainty.json"):
+                    for f in ("metrics.csv", "vvc.csv", "uncertainty.json", POSTPROCESS_FILE):
                         if (out / f).is_file():
                             client.log_artifact(run_id, str(out / f))
                     if (out / "figures").is_dir():
@@ -326,7 +414,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{row['name']:<18} Dice {row['dice_mean']:.3f}  HD95 {row['hd95_mean']:.2f} mm  (n={row['n']})")
         sm = table["summary"]
         print(f"mean Dice {sm['dice_mean']:.4f}, weighted Dice {sm['dice_weighted']:.4f}, "
-              f"weighted HD95 {sm['hd95_weighted']:.3f} mm over {sm['cases']} case(s)")
+              f"weighted HD95 {sm['hd95_weighted']:.3f} mm ({sm['missed']} missed organ(s)) over "
+              f"{sm['cases']} case(s)")
         if args.out:
             rows = [{"model": "pred", "fold": "", **r} for r in to_rows(results)]
             atomic_write_text(Path(args.out), rows_to_csv(rows, METRIC_FIELDS))
@@ -334,4 +423,5 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-__all__ = ["EvalSpec", "EvalTask", "make_eval_spec", "model_run_key", "study_inference"]
+__all__ = ["PP_MODEL", "POSTPROCESS_FILE", "EvalSpec", "EvalTask", "make_eval_spec", "model_run_key",
+           "study_inference", "summary_line"]

@@ -5,7 +5,8 @@ rebuild the network), ``best.pt`` (checkpoint with the ``model`` state dict) and
 (validation Dice per class, training time). :func:`load_trained` reads exactly these three.
 :func:`run_ensemble` is the inference path shared by evaluation and ``sepnet predict``: every model's
 sliding-window probabilities, the members fused one at a time (``core.ensemble.FusionAccumulator``),
-their vote entropy.
+their vote entropy. Its labels are class indices; :func:`to_organ_ids`, :func:`subset_reference` and
+:func:`subset_annotated` bring labels, references and annotations of an organ subset to StructSeg ids.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sepnet.core.ensemble import FusionAccumulator, fusion_weights, hard_labels,
 from sepnet.core.errors import DataError
 from sepnet.core.inference import autocast_dtype, sliding_window
 from sepnet.core.networks import build
+from sepnet.core.organs import NUM_CLASSES, OrganSubset
 from sepnet.hpc import checkpoint as checkpoint_io
 from sepnet.jobs.config import EnsembleConfig, InferenceConfig
 from sepnet.jobs.spec import ModelSpec
@@ -78,7 +80,7 @@ class TrainedModel:
         patch = tuple(inference.patch) if inference.patch else self.spec.patch
         return sliding_window(image, self.predictor(device), num_classes=self.spec.num_classes, patch=patch,
                               overlap=float(inference.overlap), batch_size=int(inference.batch_size),
-                              tta=bool(inference.tta), device=device)
+                              tta=inference.tta_axes or False, lr_pairs=self.spec.subset.lr_pairs, device=device)
 
 
 def _state_dict(ckpt: Any) -> dict[str, torch.Tensor]:
@@ -152,6 +154,8 @@ def run_ensemble(image_of: Callable[[tuple[str, ...]], np.ndarray], members: Seq
     """Run the members (fused with ``weights`` (N, K)) and the ``others`` on one case.
 
     image_of: ``channels -> (C, Z, Y, X) float32`` input of a model (the stored or prepared channels).
+    Labels are class indices of the models' organ subset (``ModelSpec.subset``; == StructSeg ids for all
+    22 organs): callers map them with :func:`to_organ_ids`. The members must share one subset.
     Memory: one model's (K, Z, Y, X) probabilities at a time plus the float64 fused sum.
     """
     classes = {(m.spec.num_classes, m.spec.organ_ids) for m in members}
@@ -169,3 +173,35 @@ def run_ensemble(image_of: Callable[[tuple[str, ...]], np.ndarray], members: Seq
     stack = acc.member_labels
     return EnsembleResult(labels=acc.labels(), member_labels=stack, entropy=vote_entropy(stack).astype(np.float32),
                           other_labels=other_labels)
+
+
+def organ_names(subset: OrganSubset) -> dict[int, str]:
+    """StructSeg id -> name of each class of ``subset`` (a merged class: its first id and its own name,
+    e.g. 21 -> "Mandible" in COMMON7); all 22 StructSeg names for ``structseg22``."""
+    return {int(ids[0]): name for name, ids in subset.classes}
+
+
+def is_identity(subset: OrganSubset) -> bool:
+    """True when class index == StructSeg id for every class (all 22 organs, in id order)."""
+    inv = subset.inverse_lut()
+    return inv.size == NUM_CLASSES and bool(np.array_equal(inv, np.arange(NUM_CLASSES)))
+
+
+def to_organ_ids(labels: np.ndarray, subset: OrganSubset) -> np.ndarray:
+    """Class-index labels (any shape) of a model trained on ``subset`` -> uint8 StructSeg ids."""
+    return np.asarray(labels, dtype=np.uint8) if is_identity(subset) else subset.from_subset(labels)
+
+
+def subset_reference(ref: np.ndarray, subset: OrganSubset) -> np.ndarray:
+    """A StructSeg reference (Z, Y, X) as a model on ``subset`` can predict it: organs outside the subset
+    become background, a merged class its first id (``from_subset(to_subset(ref))``)."""
+    return np.asarray(ref, dtype=np.uint8) if is_identity(subset) else subset.from_subset(subset.to_subset(ref))
+
+
+def subset_annotated(annotated, subset: OrganSubset) -> tuple[int, ...] | None:
+    """The StructSeg ids (a class's first id) of the subset classes a case annotates; None stays None
+    (all). A merged class counts as annotated only when all of its ids are."""
+    if annotated is None:
+        return None
+    ann = subset.annotated_classes(annotated)
+    return tuple(int(ids[0]) for k, (_, ids) in enumerate(subset.classes, start=1) if ann[k])

@@ -10,7 +10,14 @@ a folder of several such inputs is batch mode) it writes into ``OUTDIR/<case>/``
 - ``summary.json``: per organ the ensemble volume (cm3), each member's volume, the structure
   uncertainty VVC = sigma/mu and a flag when VVC exceeds the threshold; the spacing the models ran
   at (and whether the scan was resampled to it); warnings for a scan unlike the training data;
-- ``rtstruct.dcm`` when the input is a DICOM series: the labels as an RTSTRUCT on that series.
+- ``rtstruct.dcm`` and ``seg.dcm`` when the input is a DICOM series: the labels as an RTSTRUCT and as a
+  DICOM-SEG on that series (the SEG only when some organ is predicted: a SEG needs one segment).
+
+Postprocessing: each used fold's ``eval/fold<F>/postprocess.json`` (the evaluation's per-organ
+keep-largest-component decision, made on that fold's validation cases) is loaded; with several folds an
+organ is postprocessed when a strict majority of the used folds chose it (a fold without the file votes
+no; :func:`combine_postprocessing`). It is applied to the fused labels on the models' grid, before they
+are pasted back, exactly as the evaluation applies it; summary.json says what was applied.
 
 Everything comes from the study, so a scan goes the way the evaluation's test cases went: the
 resolved config (``Layout.resolved_config``: ensemble weighting, inference patch, overlap, TTA, batch
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +41,13 @@ import numpy as np
 import torch
 
 from sepnet.core.errors import DataError, SepnetError
-from sepnet.core.organs import NUM_CLASSES, ORGAN_IDS, ORGAN_NAMES
+from sepnet.core.organs import NUM_CLASSES
+from sepnet.core.postprocess import PostprocessDecision
 from sepnet.data.case import Geometry
 from sepnet.data.prepare import Plan
 from sepnet.hpc.atomic import atomic_write_json
 from sepnet.jobs.config import InferenceConfig
+from sepnet.jobs.evaluate import POSTPROCESS_FILE
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 SPACING_TOLERANCE = 0.25  # relative spacing difference on any axis above which a scan is resampled
@@ -98,7 +108,8 @@ def discover_inputs(path: Path) -> list[tuple[str, Path, str]]:
     for child in sorted(path.iterdir()):
         if child.name.startswith("."):
             continue
-        if child.is_file() and child.name.endswith(IMAGE_SUFFIXES):
+        # a broken link with an image name is an input that fails on read ("broken link"), not nothing
+        if (child.is_file() or child.is_symlink()) and child.name.endswith(IMAGE_SUFFIXES):
             out.append((_case_name(child), child, "image"))
         elif child.is_dir():
             if _is_dicom_dir(child):
@@ -123,6 +134,8 @@ class StudyEnsemble:
     inference: InferenceConfig  # patch resolved
     plan: Plan
     fingerprint: dict
+    postprocess: PostprocessDecision = dataclasses.field(default_factory=lambda: PostprocessDecision(()))
+    postprocess_folds: dict = dataclasses.field(default_factory=dict)  # fold -> its chosen organs, None = no file
 
 
 def _chosen_folds(found: dict[int, list[Path]], member_names: list[str], fold: str, root: Path) -> list[int]:
@@ -167,9 +180,39 @@ def load_study(root: str | Path, *, fold: str = "all", overlap: float | None = N
     if tta is not None:
         inference = dataclasses.replace(inference, tta=bool(tta))
     store = Store(layout.store)
+    decisions = {f: read_postprocessing(layout.eval_dir(f) / POSTPROCESS_FILE) for f in folds}
     return StudyEnsemble(members=[m for ms in per_fold for m in ms],
                          weights=pool_weights([ensemble_weights(ms, cfg.ensemble) for ms in per_fold]),
-                         folds=folds, inference=inference, plan=store.plan(), fingerprint=store.fingerprint())
+                         folds=folds, inference=inference, plan=store.plan(), fingerprint=store.fingerprint(),
+                         postprocess=combine_postprocessing(list(decisions.values())),
+                         postprocess_folds={f: None if d is None else list(d.organs) for f, d in decisions.items()})
+
+
+def read_postprocessing(path: Path) -> PostprocessDecision | None:
+    """A fold's ``postprocess.json`` (written by its evaluation); None when absent (not evaluated yet, or
+    evaluated by an older sepnet). DataError naming the file when it is unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return PostprocessDecision.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: unreadable postprocessing decision ({e})") from None
+
+
+def combine_postprocessing(decisions: list[PostprocessDecision | None]) -> PostprocessDecision:
+    """The decision for an ensemble pooled over folds: an organ gets keep-largest-component when more
+    than half of ``decisions`` chose it (None = a fold without a decision, which votes no). DataError
+    when the folds' decisions use different connectivities."""
+    given = [d for d in decisions if d is not None]
+    conn = {d.connectivity for d in given}
+    if len(conn) > 1:
+        raise DataError(f"postprocess.json: the folds' decisions use different connectivities {sorted(conn)}")
+    votes: dict[int, int] = {}
+    for d in given:
+        for o in d.organs:
+            votes[int(o)] = votes.get(int(o), 0) + 1
+    chosen = tuple(sorted(o for o, n in votes.items() if 2 * n > len(decisions)))
+    return PostprocessDecision(chosen, conn.pop() if conn else 26)
 
 
 # --------------------------------------------------------------------------- checks against the training data
@@ -227,8 +270,9 @@ def scan_warnings(hu: np.ndarray, geometry: Geometry, fingerprint: dict) -> list
 
 @dataclass
 class CasePrediction:
-    """labels (uint8) and entropy (float32) in the input geometry; member_labels (N, z, y, x) uint8 and
-    spacing_zyx (mm) of the grid the models ran on; spacing: plan_for_scan's note; warnings."""
+    """labels (uint8 StructSeg ids, postprocessed) and entropy (float32) in the input geometry;
+    member_labels (N, z, y, x) uint8 StructSeg ids and spacing_zyx (mm) of the grid the models ran on;
+    spacing: plan_for_scan's note; warnings."""
 
     labels: np.ndarray
     entropy: np.ndarray
@@ -242,9 +286,10 @@ def predict_case(hu: np.ndarray, geometry: Geometry, ens: StudyEnsemble, *, devi
                  case_id: str = "case") -> CasePrediction:
     """Ensemble prediction of one CT (``hu`` int16 (z, y, x) on ``geometry``): prepared as the store's
     cases were, run by ``run_ensemble`` as evaluation runs them, labels and entropy pasted back."""
+    from sepnet.core.postprocess import apply_postprocessing
     from sepnet.data.grid import to_original
     from sepnet.data.prepare import prepare_case
-    from sepnet.jobs.models import run_ensemble
+    from sepnet.jobs.models import run_ensemble, to_organ_ids
 
     plan, spacing = plan_for_scan(ens.plan, geometry, ens.fingerprint)
     needed = [c for c in plan.channels if any(c in m.channels for m in ens.members)]
@@ -255,23 +300,28 @@ def predict_case(hu: np.ndarray, geometry: Geometry, ens: StudyEnsemble, *, devi
         return prep.image[[index[c] for c in channels]]
 
     out = run_ensemble(image_of, ens.members, ens.weights, inference=ens.inference, device=device)
-    return CasePrediction(labels=to_original(out.labels, prep.meta, order=0),
-                          entropy=to_original(out.entropy, prep.meta, order=1), member_labels=out.member_labels,
+    subset = ens.members[0].spec.subset
+    # postprocessed on the models' grid, as the evaluation does, then pasted back
+    labels = apply_postprocessing(to_organ_ids(out.labels, subset), ens.postprocess)
+    return CasePrediction(labels=to_original(labels, prep.meta, order=0),
+                          entropy=to_original(out.entropy, prep.meta, order=1),
+                          member_labels=to_organ_ids(out.member_labels, subset),
                           spacing_zyx=tuple(prep.meta.spacing_zyx), spacing=spacing,
                           warnings=scan_warnings(hu, geometry, ens.fingerprint))
 
 
 def organ_summary(labels_orig: np.ndarray, spacing_orig_zyx, member_labels: np.ndarray, spacing_zyx, *,
-                  vvc_threshold: float) -> dict:
+                  vvc_threshold: float, names: dict[int, str]) -> dict:
+    """Per organ of ``names`` (StructSeg id -> name, the ensemble's subset): volumes, VVC and its flag."""
     from sepnet.core.ensemble import member_volumes, vvc
 
     vox_cm3 = float(np.prod(spacing_orig_zyx)) / 1000.0
     counts = np.bincount(labels_orig.ravel(), minlength=NUM_CLASSES)
-    vols = member_volumes(member_labels, spacing_zyx=spacing_zyx, organs=ORGAN_IDS)
+    vols = member_volumes(member_labels, spacing_zyx=spacing_zyx, organs=list(names))
     v = vvc(vols)
     organs = {}
-    for k, organ in enumerate(ORGAN_IDS):
-        organs[ORGAN_NAMES[organ]] = {
+    for k, organ in enumerate(names):
+        organs[names[organ]] = {
             "id": organ,
             "volume_cm3": float(counts[organ]) * vox_cm3,
             "member_volumes_cm3": [float(x) for x in vols[:, k]],
@@ -296,7 +346,8 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{out_root}: output folder is not writable ({e.strerror})") from None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"{len(inputs)} input(s); ensemble of {len(ens.members)} model(s) from fold(s) "
-          f"{', '.join(map(str, ens.folds))}")
+          f"{', '.join(map(str, ens.folds))}; keep-largest-component postprocessing of "
+          f"{len(ens.postprocess.organs)} organ(s)")
     failed = 0
     with torch.no_grad():  # a context: the caller's grad mode is left as it was
         for case, path, kind in inputs:
@@ -313,23 +364,27 @@ def _predict_one(case: str, path: Path, kind: str, ens: StudyEnsemble, out: Path
                  vvc_threshold: float) -> str:
     """Predict and write one input; returns the line to print."""
     from sepnet.data.readers import read_image, write_labels, write_volume
+    from sepnet.jobs.models import organ_names
 
     image, geom = read_image(path)
     pred = predict_case(image, geom, ens, device=device, case_id=case)
     write_labels(pred.labels, geom, out / "labels.nii.gz")
     write_volume(pred.entropy, geom, out / "uncertainty.nii.gz")
+    names = organ_names(ens.members[0].spec.subset)
     organs = organ_summary(pred.labels, geom.spacing_zyx, pred.member_labels, pred.spacing_zyx,
-                           vvc_threshold=vvc_threshold)
+                           vvc_threshold=vvc_threshold, names=names)
+    pp = ens.postprocess
     summary = {
         "case": case, "input": str(path), "n_members": int(pred.member_labels.shape[0]), "folds": ens.folds,
         "spacing": pred.spacing, "warnings": pred.warnings, "mean_entropy": float(pred.entropy.mean()),
         "flagged_organs": [n for n, o in organs.items() if o["high_uncertainty"]], "organs": organs,
+        "postprocessing": {"keep_largest_component": [names.get(o, str(o)) for o in pp.organs],
+                           "organ_ids": list(pp.organs), "connectivity": pp.connectivity,
+                           "folds": {str(f): v for f, v in ens.postprocess_folds.items()},
+                           "rule": "an organ chosen by a strict majority of the used folds' postprocess.json"},
     }
     if kind == "dicom":
-        from sepnet.data.readers import write_rtstruct
-
-        write_rtstruct(pred.labels, path, out / "rtstruct.dcm", organ_names=ORGAN_NAMES)
-        summary["rtstruct"] = str(out / "rtstruct.dcm")
+        summary.update(_write_dicom(pred.labels, path, out, names=names))
     atomic_write_json(out / "summary.json", summary)
     line = (f"{case}: {int((pred.labels > 0).sum())} organ voxels -> {out} "
             f"(high uncertainty: {', '.join(summary['flagged_organs']) or 'none'})")
@@ -338,6 +393,18 @@ def _predict_one(case: str, path: Path, kind: str, ens: StudyEnsemble, out: Path
         line += (f"; resampled from {_mm(sp['input_zyx'])} to the models' {_mm(sp['model_zyx'])} mm "
                  f"({sp['reason']}) and pasted back")
     return line + "".join(f"\n  warning: {w}" for w in pred.warnings)
+
+
+def _write_dicom(labels: np.ndarray, series: Path, out: Path, *, names: dict[int, str]) -> dict:
+    """RTSTRUCT (one ROI per organ of ``names``) and, when some organ is predicted, DICOM-SEG beside it."""
+    from sepnet.data.dicom_seg import write_dicom_seg
+    from sepnet.data.readers import write_rtstruct
+
+    write_rtstruct(labels, series, out / "rtstruct.dcm", organ_names=names)
+    written = {"rtstruct": str(out / "rtstruct.dcm"), "dicom_seg": None}
+    if (labels > 0).any():
+        written["dicom_seg"] = str(write_dicom_seg(labels, series, out / "seg.dcm", organ_names=names))
+    return written
 
 
 def _mm(spacing) -> str:

@@ -279,7 +279,9 @@ def _predict_inputs(folder: Path) -> dict[str, str]:
     shutil.rmtree(folder / "dcm")
     slices = sorted((folder / "gap").iterdir())
     slices[len(slices) // 2].unlink()
+    (folder / "gone.nii.gz").symlink_to(folder / "deleted.nii.gz")  # a broken link is an input that fails
     return {
+        "gone": "gone.nii.gz: broken symbolic link",
         "flat": "flat.nii.gz: 2-D image",
         "vec": "vec.nii.gz: 4-D image",
         "truncated": "truncated.nii.gz",

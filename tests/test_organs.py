@@ -65,3 +65,16 @@ def test_subset_errors():
         COMMON7.to_subset(np.array([23]))
     with pytest.raises(ValueError, match="must lie in"):
         COMMON7.from_subset(np.array([8]))
+
+
+def test_lr_pairs_follow_the_class_names():
+    from sepnet.core.inference import STRUCTSEG_LR_PAIRS
+    from sepnet.core.organs import COMMON7, ORGAN_NAMES, STRUCTSEG22
+
+    # 22 organs: the 9 StructSeg left/right pairs (Eye, Lens, Opt_Nerve, Parotid, Inner_Ear, Mid_Ear,
+    # TM_Joint, Temporal_Lobe, Mandible halves), each (left id, right id) by name
+    assert len(STRUCTSEG22.lr_pairs) == 9 and STRUCTSEG_LR_PAIRS == STRUCTSEG22.lr_pairs
+    for a, b in STRUCTSEG22.lr_pairs:
+        assert ORGAN_NAMES[a].endswith("_L") and ORGAN_NAMES[b] == ORGAN_NAMES[a][:-2] + "_R"
+    # COMMON7: optic nerves (2, 3) and parotids (5, 6); the merged Mandible pairs with nothing
+    assert COMMON7.lr_pairs == ((2, 3), (5, 6))

@@ -1,6 +1,7 @@
 """Parity of `sepnet predict` with the evaluation job: a test case's original file, predicted by the
 study's ensemble of that fold, gives the labels the evaluation job fused for it (identical, in the
-original geometry) and its vote-entropy map (within float tolerance); with and without resampling."""
+original geometry, both after the fold's keep-largest-component postprocessing) and its vote-entropy
+map (within float tolerance); with and without resampling."""
 
 from __future__ import annotations
 
@@ -36,7 +37,11 @@ def _check_parity(study: Path, dataset: Path, out: Path, *, fold: int = 0) -> di
     assert ref_entropy.max() > 0 and len(np.unique(ref_labels)) > 1
     np.testing.assert_array_equal(labels, ref_labels)
     np.testing.assert_allclose(entropy, ref_entropy, atol=1e-5)
-    return json.loads((out / case / "summary.json").read_text())
+    # both sides applied the fold's postprocessing (the evaluation saves its postprocessed labels)
+    summary = json.loads((out / case / "summary.json").read_text())
+    decided = json.loads((study / "eval" / f"fold{fold}" / "postprocess.json").read_text())
+    assert summary["postprocessing"]["organ_ids"] == decided["organs"]
+    return summary
 
 
 def test_predict_equals_evaluation_without_resampling(trained_study, tmp_path):

@@ -1,4 +1,5 @@
-"""`sepnet predict`: labels and uncertainty in the input's original geometry; RTSTRUCT for DICOM input."""
+"""`sepnet predict`: labels and uncertainty in the input's original geometry; RTSTRUCT and DICOM-SEG for DICOM
+input; the folds' postprocessing applied and reported."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import pytest
 import SimpleITK as sitk
 
 from sepnet.core.organs import ORGAN_NAMES
+from sepnet.data.dicom_seg import read_dicom_seg
 from sepnet.data.phantom import make_case
-from sepnet.data.readers import write_case
+from sepnet.data.readers import read_case, write_case
+from sepnet.evaluation.metrics import dice
 from sepnet.jobs.cli import main
 
 
@@ -46,6 +49,10 @@ def test_predict_nifti_keeps_the_input_geometry(trained_study, tmp_path):
     assert h.min() >= 0 and h.max() <= np.log(4) + 1e-5  # 4 voters (2 members x 2 folds)
     summary = json.loads((out / "scan" / "summary.json").read_text())
     assert summary["n_members"] == 4 and summary["folds"] == [0, 1]
+    # postprocessing: an organ both folds' evaluations chose (a strict majority of 2)
+    chosen = [set(json.loads((study / "eval" / f"fold{f}" / "postprocess.json").read_text())["organs"]) for f in (0, 1)]
+    assert summary["postprocessing"]["organ_ids"] == sorted(chosen[0] & chosen[1])
+    assert summary["postprocessing"]["folds"] == {str(f): sorted(c) for f, c in enumerate(chosen)}
     assert set(summary["organs"]) == set(ORGAN_NAMES.values())
     vox = float(np.prod(img.GetSpacing())) / 1000
     for name, organ in summary["organs"].items():
@@ -53,7 +60,7 @@ def test_predict_nifti_keeps_the_input_geometry(trained_study, tmp_path):
         assert len(organ["member_volumes_cm3"]) == 4
 
 
-def test_predict_dicom_writes_rtstruct(trained_study, tmp_path):
+def test_predict_dicom_writes_rtstruct_and_dicom_seg(trained_study, tmp_path):
     study = trained_study.parent / "study"
     case = make_case(seed=[98, 0], size="tiny", case_id="dcm")
     write_case(case, tmp_path / "in", format="dicom")
@@ -76,6 +83,21 @@ def test_predict_dicom_writes_rtstruct(trained_study, tmp_path):
     ref_series = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0] \
         .RTReferencedSeriesSequence[0].SeriesInstanceUID
     assert ref_series == pydicom.dcmread(next(series.iterdir())).SeriesInstanceUID
+    # the DICOM-SEG beside it: its frames are the NIfTI labels, voxel for voxel
+    lab = sitk.GetArrayFromImage(labels)
+    summary = json.loads((out / "ct" / "summary.json").read_text())
+    assert summary["dicom_seg"] == str(out / "ct" / "seg.dcm")
+    assert summary["rtstruct"] == str(out / "ct" / "rtstruct.dcm")
+    seg, seg_names = read_dicom_seg(out / "ct" / "seg.dcm", series)
+    np.testing.assert_array_equal(seg, lab)
+    assert seg_names == {i: ORGAN_NAMES[i] for i in np.unique(lab) if i > 0}
+    # the RTSTRUCT read back by the project's DICOM reader (polygons: close to the labels, not equal)
+    case_dir = tmp_path / "readback" / "dcm"
+    shutil.copytree(series, case_dir / "ct")
+    shutil.copy(out / "ct" / "rtstruct.dcm", case_dir / "rtstruct.dcm")
+    back = read_case(case_dir)
+    np.testing.assert_array_equal(np.unique(back.label), np.unique(lab))
+    assert dice(back.label > 0, lab > 0) > 0.8
 
 
 def test_predict_batch_and_bad_input(trained_study, tmp_path, capsys):
