@@ -14,6 +14,13 @@ chosen case, then one of that class's stored voxel coordinates (``fg_coords``, p
 preprocess time). Volumes smaller than the patch are padded with 0 (image: air for every transform;
 label: background).
 
+Organ subsets and partial labels: labels are returned in the study's class space
+(``OrganSubset.to_subset``; StructSeg organs outside the subset become background), class balance is
+over the subset's classes, and each patch comes with its case's annotated-class mask (C,) bool
+(``OrganSubset.annotated_classes`` of the store's ``meta.annotated``), which training hands to the loss;
+voxels of a class the case does not annotate (a merged class missing one of its ids) read as background.
+With the default subset (all 22 organs) labels and patches are exactly the stored ones.
+
 Reading: each worker process keeps decompressed cases in an LRU cache bounded by ``cache_bytes``
 (a patch from memory ~1.6 ms vs ~20-35 ms from zstd chunks); cases larger than the budget are read
 patch-wise from Zarr. Nothing open is pickled: handles and caches are rebuilt lazily in each worker.
@@ -35,6 +42,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sepnet.core.errors import ConfigError, DataError
+from sepnet.core.organs import STRUCTSEG22, OrganSubset
 from sepnet.data.store import Store
 
 
@@ -45,11 +53,14 @@ class PatchInfo:
     case_id: str
     start: tuple[int, int, int]
     foreground: bool
-    organ: int  # class the patch is centred on; 0 for a uniform patch
+    organ: int  # class (of the subset) the patch is centred on; 0 for a uniform patch
 
 
 class PatchDataset(Dataset):
-    """Map-style dataset of (image float32 (C, z, y, x), label int64 (z, y, x)) patches.
+    """Map-style dataset of (image float32 (C, z, y, x), label int64 (z, y, x), annotated bool (K,)) patches.
+
+    label holds the subset's class indices 0..K-1 (K = ``subset.num_classes``); annotated marks the
+    classes the patch's case annotates (background always True).
 
     Args:
         store: a :class:`Store` or its path.
@@ -61,6 +72,7 @@ class PatchDataset(Dataset):
         seed, rank, world_size: see the module docstring.
         pad: pad volumes smaller than the patch; False raises DataError for such a case.
         cache_bytes: per-process budget for decompressed cases (0 = always read patches from Zarr).
+        subset: the study's organ classes (``sepnet.core.organs.SUBSETS``); default all 22 organs.
     """
 
     def __init__(
@@ -77,6 +89,7 @@ class PatchDataset(Dataset):
         world_size: int = 1,
         pad: bool = True,
         cache_bytes: int = 1 << 30,
+        subset: OrganSubset = STRUCTSEG22,
     ):
         self.store = store if isinstance(store, Store) else Store(store)
         self.case_ids = [str(c) for c in case_ids]
@@ -89,6 +102,7 @@ class PatchDataset(Dataset):
         self.world_size = int(world_size)
         self.pad = bool(pad)
         self.cache_bytes = int(cache_bytes)
+        self.subset = subset
         # The epoch lives in shared memory so that persistent DataLoader workers (which hold their own copy of
         # the dataset) see set_epoch() from the main process.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -109,6 +123,8 @@ class PatchDataset(Dataset):
         if missing:
             raise DataError(f"{self.store.path}: cases not in the store (or incomplete): {missing}")
         self._meta = {}
+        self._annotated: dict[str, torch.Tensor] = {}
+        self._luts: dict[str, np.ndarray | None] = {}  # stored label -> class; None = identity
         for cid in self.case_ids:
             m = self.store.meta(cid)
             self.store.channel_index(cid, self.channels)  # raises DataError naming the missing channel
@@ -119,6 +135,13 @@ class PatchDataset(Dataset):
                     f"{self.patch} along {','.join(small)} and pad=False"
                 )
             self._meta[cid] = m
+            ann = subset.annotated_classes(m.annotated)
+            self._annotated[cid] = torch.from_numpy(ann)
+            # voxels of a class the case does not fully annotate (a merged class with one id missing)
+            # are unknown: background, which the marginal loss reads as "background or un-annotated"
+            to_class = subset.lut()
+            lut = np.where(ann[to_class], to_class, 0).astype(np.int64)
+            self._luts[cid] = None if (lut == np.arange(len(lut))).all() else lut
         self._reset_worker_state()
 
     # ---- per-process state (never pickled) ----
@@ -159,9 +182,12 @@ class PatchDataset(Dataset):
         return self.samples_per_epoch
 
     def _fg_by_class(self, case_id: str) -> dict[int, np.ndarray]:
+        """Stored foreground coordinates (n, 3) by subset class (organs outside the subset dropped)."""
         if case_id not in self._fg:
             rows = self.store.fg_coords(case_id)
-            self._fg[case_id] = {int(c): rows[rows[:, 0] == c, 1:] for c in np.unique(rows[:, 0]) if c > 0}
+            lut = self._luts[case_id]
+            cls = rows[:, 0] if lut is None else lut[rows[:, 0]]
+            self._fg[case_id] = {int(c): rows[cls == c, 1:] for c in np.unique(cls) if c > 0}
         return self._fg[case_id]
 
     def sample_info(self, i: int) -> PatchInfo:
@@ -230,7 +256,14 @@ class PatchDataset(Dataset):
             label[dst] = self.store.label(info.case_id)[src]
         return image, label
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def annotated(self, case_id: str) -> torch.Tensor:
+        """(K,) bool: the subset classes ``case_id`` annotates (background always True)."""
+        return self._annotated[case_id]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         info = self.sample_info(int(i))
         image, label = self._read(info)
-        return torch.from_numpy(image), torch.from_numpy(label)
+        lut = self._luts[info.case_id]
+        if lut is not None:
+            label = lut[label]
+        return torch.from_numpy(image), torch.from_numpy(label), self._annotated[info.case_id].clone()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sepnet.core.errors import DataError, SubmissionError
-from sepnet.core.organs import NUM_CLASSES, ORGAN_IDS
+from sepnet.core.organs import SUBSETS, OrganSubset
 from sepnet.hpc.atomic import atomic_write_json
 from sepnet.jobs.config import MemberConfig, StudyConfig, TrainingConfig
 
@@ -35,7 +35,9 @@ class ModelSpec:
     channels: the intensity transforms fed as input channels, in order (plan channel names).
     loss, alpha: the training loss and its ATH alpha (recorded, not needed to rebuild).
     num_classes: output classes incl. background; organ_ids: the StructSeg organ id of each output
-    class 1..num_classes-1 (class k predicts organ ``organ_ids[k-1]``), so organ subsets stay explicit.
+    class 1..num_classes-1 (class k predicts organ ``organ_ids[k-1]``; a merged class, the COMMON7
+    mandible, gives its first id), so organ subsets stay explicit. organs: the ``SUBSETS`` name they come
+    from (:attr:`subset` maps labels both ways; absent in older specs = ``structseg22``).
     patch: training patch (z, y, x) voxels.
     """
 
@@ -50,11 +52,21 @@ class ModelSpec:
     num_classes: int
     organ_ids: tuple[int, ...]
     patch: tuple[int, int, int]
+    organs: str = "structseg22"
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
         if len(self.organ_ids) != self.num_classes - 1:
             raise ValueError(f"{self.name}: {len(self.organ_ids)} organ ids for {self.num_classes} classes")
+        if self.organs not in SUBSETS:
+            raise ValueError(f"{self.name}: unknown organ subset {self.organs!r}; known: {', '.join(SUBSETS)}")
+        if self.organ_ids != _organ_ids(self.subset):
+            raise ValueError(f"{self.name}: organ ids {list(self.organ_ids)} are not those of subset {self.organs}")
+
+    @property
+    def subset(self) -> OrganSubset:
+        """The model's classes: ``subset.from_subset`` maps its labels to StructSeg ids, ``to_subset`` back."""
+        return SUBSETS[self.organs]
 
     @property
     def in_channels(self) -> int:
@@ -68,7 +80,7 @@ class ModelSpec:
     def from_dict(cls, d: dict[str, Any], *, source: str = "spec") -> ModelSpec:
         """Raise DataError naming ``source`` on a missing or unknown key or a newer version."""
         names = {f.name for f in fields(cls)}
-        required = {f.name for f in fields(cls) if f.name != "version"}
+        required = {f.name for f in fields(cls) if f.name not in ("version", "organs")}
         if not isinstance(d, dict):
             raise DataError(f"{source}: model spec is not a JSON object")
         missing, unknown = sorted(required - set(d)), sorted(set(d) - names)
@@ -107,8 +119,8 @@ class TrainSpec:
 
     study_root: the study folder (outputs go to ``models/fold<fold>/<member>/`` below it).
     store: the Zarr store path. train_cases / val_cases: case ids of this fold.
-    kind: "member" (of the ensemble) or "baseline". num_classes / organ_ids: output classes incl.
-    background and the organ id of each class 1..num_classes-1 (``sepnet.core.organs``).
+    kind: "member" (of the ensemble) or "baseline". organs: the study's ``sepnet.core.organs.SUBSETS``
+    name, which fixes :attr:`num_classes` and :attr:`organ_ids`.
     mlflow_uri: tracking URI (None = no MLflow). experiment: MLflow experiment name.
     config_text: the study YAML as written, logged verbatim as an artifact.
     val_patch / val_overlap: sliding-window size (z, y, x) and overlap of validation (None = the
@@ -125,8 +137,7 @@ class TrainSpec:
     train_cases: list[str]
     val_cases: list[str]
     kind: str = "member"
-    num_classes: int = NUM_CLASSES
-    organ_ids: tuple[int, ...] = ORGAN_IDS
+    organs: str = "structseg22"
     mlflow_uri: str | None = None
     experiment: str = "sepnet"
     parent_run_id: str | None = None
@@ -152,6 +163,20 @@ class TrainSpec:
         return self.member.base or self.training.base
 
     @property
+    def subset(self) -> OrganSubset:
+        return SUBSETS[self.organs]
+
+    @property
+    def num_classes(self) -> int:
+        """Output classes incl. background."""
+        return self.subset.num_classes
+
+    @property
+    def organ_ids(self) -> tuple[int, ...]:
+        """StructSeg id of each output class 1..num_classes-1 (a merged class: its first id)."""
+        return _organ_ids(self.subset)
+
+    @property
     def run_key(self) -> str:
         return f"{self.study_name}/fold{self.fold}/{self.member.name}"
 
@@ -164,8 +189,12 @@ class TrainSpec:
         m = self.member
         return ModelSpec(name=m.name, kind=self.kind, network=m.network, base=self.base,
                          separable_axis=m.separable_axis, channels=tuple(self.channels), loss=m.loss,
-                         alpha=m.alpha, num_classes=self.num_classes, organ_ids=tuple(self.organ_ids),
-                         patch=tuple(self.training.patch))
+                         alpha=m.alpha, num_classes=self.num_classes, organ_ids=self.organ_ids,
+                         patch=tuple(self.training.patch), organs=self.organs)
+
+
+def _organ_ids(subset: OrganSubset) -> tuple[int, ...]:
+    return tuple(int(i) for i in subset.inverse_lut()[1:])
 
 
 def train_spec(cfg: StudyConfig, *, model: str, fold: int, folds: list[dict] | None = None,
@@ -200,4 +229,5 @@ def train_spec(cfg: StudyConfig, *, model: str, fold: int, folds: list[dict] | N
         mlflow_uri=tracking.resolve_uri(cfg), experiment=cfg.mlflow.experiment or cfg.name,
         parent_run_id=parent_run_id, config_text=cfg.source_text, study_name=cfg.name,
         val_patch=list(cfg.inference_patch), val_overlap=cfg.inference.overlap, threads=cfg.executor.cpus_per_task,
+        organs=cfg.organs,
     )

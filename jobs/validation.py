@@ -2,6 +2,11 @@
 
 Used by the training job (rank 0) every ``training.val_every`` iterations and at the end; the best
 checkpoint is the one with the highest mean foreground Dice (:func:`mean_foreground`).
+
+Partial labels: the Dice of a class is pooled over the validation cases whose dataset annotates it
+(``meta.annotated``) and is NaN when none does, so an organ a dataset does not draw neither counts as
+missed nor as a false positive there (:func:`pooled_dice`). Labels are compared in the study's class
+space (``OrganSubset.to_subset``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import numpy as np
 import torch
 
 from sepnet.core.inference import sliding_window
+from sepnet.core.organs import STRUCTSEG22, OrganSubset
 
 
 def confusion(pred: np.ndarray, ref: np.ndarray, *, num_classes: int) -> np.ndarray:
@@ -27,6 +33,29 @@ def dice_from_confusion(conf: np.ndarray) -> np.ndarray:
     """Dice float64 (K,) of every class from confusion counts (K, K); NaN where both lack the class."""
     inter = np.diag(conf).astype(np.float64)
     denom = conf.sum(0) + conf.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, 2 * inter / np.maximum(denom, 1), np.nan)
+
+
+def pooled_dice(confs: list[np.ndarray], annotated: list[np.ndarray]) -> np.ndarray:
+    """Dice float64 (K,) per class pooled over cases, each class over the cases that annotate it.
+
+    confs: per-case confusion counts (K, K) (:func:`confusion`); annotated: per-case (K,) bool masks.
+    Class c sums its intersections and sizes over the cases with ``annotated[c]``; NaN where no such
+    case has the class in its reference or its prediction (none annotates it, or absent everywhere).
+    """
+    if len(confs) != len(annotated):
+        raise ValueError(f"{len(confs)} confusion matrices for {len(annotated)} annotated masks")
+    if not confs:
+        raise ValueError("pooled_dice: no case")
+    k = confs[0].shape[0]
+    inter, denom = np.zeros(k), np.zeros(k)
+    for conf, ann in zip(confs, annotated):
+        ann = np.asarray(ann, dtype=bool)
+        if ann.shape != (k,):
+            raise ValueError(f"annotated mask of shape {ann.shape}, expected ({k},)")
+        inter += np.where(ann, np.diag(conf), 0)
+        denom += np.where(ann, conf.sum(0) + conf.sum(1), 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, 2 * inter / np.maximum(denom, 1), np.nan)
 
@@ -64,21 +93,26 @@ def predict_volume(model: torch.nn.Module, volume: torch.Tensor, *, num_classes:
 
 def validate(model: torch.nn.Module, store: Any, case_ids: list[str], *, channels: list[str], num_classes: int,
              patch: list[int], overlap: float = 0.5, device: str = "cpu",
-             amp_dtype: torch.dtype | None = None) -> np.ndarray:
-    """Per-class Dice (K,) pooled over the validation cases' whole volumes (voxel counts summed).
+             amp_dtype: torch.dtype | None = None, subset: OrganSubset = STRUCTSEG22) -> np.ndarray:
+    """Per-class Dice (K,) of whole validation volumes, pooled (voxel counts summed) per class over the
+    cases that annotate it (:func:`pooled_dice`; NaN where none does).
 
-    store: a ``sepnet.data.store.Store``; channels: the input channels read for each case.
-    The model is put in eval mode and restored to its previous mode afterwards.
+    store: a ``sepnet.data.store.Store``; channels: the input channels read for each case; subset: the
+    study's classes (K = ``subset.num_classes`` = ``num_classes``). The model is put in eval mode and
+    restored to its previous mode afterwards.
     """
+    if subset.num_classes != num_classes:
+        raise ValueError(f"subset {subset.name} has {subset.num_classes} classes, the model {num_classes}")
     was_training = model.training
     model.eval()
-    conf = np.zeros((num_classes, num_classes), dtype=np.int64)
+    confs, annotated = [], []
     try:
         for cid in case_ids:
             image = torch.from_numpy(store.read_image(cid, channels))
             pred = predict_volume(model, image, num_classes=num_classes, patch=patch, overlap=overlap,
                                   device=device, amp_dtype=amp_dtype)
-            conf += confusion(pred, store.read_label(cid), num_classes=num_classes)
+            confs.append(confusion(pred, subset.to_subset(store.read_label(cid)), num_classes=num_classes))
+            annotated.append(subset.annotated_classes(store.meta(cid).annotated))
     finally:
         model.train(was_training)
-    return dice_from_confusion(conf)
+    return pooled_dice(confs, annotated)

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sepnet.core.errors import DataError
+from sepnet.core.organs import COMMON7, NUM_CLASSES, OrganSubset
 from sepnet.data.case import Case, Geometry
 from sepnet.data.prepare import make_plan
 from sepnet.data.preprocess import init_store, store_case
@@ -35,6 +36,11 @@ def store(tmp_path_factory):
     init_store(path)
     for i, shape in enumerate([(20, 40, 40), (24, 36, 44), (6, 20, 24)]):  # the last is smaller than the patch
         store_case(_case(f"c{i}", shape, seed=i), path, PLAN, source_hash="h")
+    # a case of a dataset without organ 4 (its label has none, its meta says so)
+    c3 = _case("c3", (20, 40, 40), seed=3)
+    c3 = Case("c3", c3.image, np.where(c3.label == 4, 0, c3.label).astype(np.uint8), c3.geometry,
+              annotated=(1, 8))
+    store_case(c3, path, PLAN, source_hash="h")
     return Store(path)
 
 
@@ -43,15 +49,16 @@ KW = dict(channels=["NLF2", "SLF1"], patch=(8, 24, 24), samples_per_epoch=12, se
 
 def _all(ds, n=None):
     items = [ds[i] for i in range(n or len(ds))]
-    return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
+    return torch.stack([a for a, _, _ in items]), torch.stack([b for _, b, _ in items])
 
 
 def test_shapes_dtypes_and_content(store):
     ds = PatchDataset(store, ["c0", "c1"], **KW)
     assert len(ds) == 12
     for i in range(len(ds)):
-        img, lab = ds[i]
+        img, lab, ann = ds[i]
         assert img.dtype == torch.float32 and img.shape == (2, 8, 24, 24)
+        assert ann.dtype == torch.bool and ann.shape == (NUM_CLASSES,) and bool(ann.all())  # StructSeg: all
         assert lab.dtype == torch.int64 and lab.shape == (8, 24, 24)
         info = ds.sample_info(i)
         (z, y, x), cid = info.start, info.case_id
@@ -68,7 +75,8 @@ def test_deterministic_and_worker_independent(store):
     loaded = {}
     for workers in (0, 2):
         dl = DataLoader(ds, batch_size=4, shuffle=False, num_workers=workers)
-        imgs, labs = zip(*dl)
+        imgs, labs, anns = zip(*dl)
+        assert torch.cat(anns).shape == (12, NUM_CLASSES)
         loaded[workers] = (torch.cat(imgs), torch.cat(labs))
     for w in (0, 2):
         assert torch.equal(loaded[w][0], a_img) and torch.equal(loaded[w][1], a_lab)
@@ -123,7 +131,7 @@ def test_small_volume_padded_or_rejected(store):
     full_img = store.read_image("c2", ["NLF2", "SLF1"])  # (2, 6, 20, 24)
     full_lab = store.read_label("c2")
     for i in range(len(ds)):
-        img, lab = ds[i]
+        img, lab, _ = ds[i]
         assert img.shape == (2, 8, 32, 32)
         z, y, x = ds.sample_info(i).start
         assert -2 <= z <= 0 and -12 <= y <= 0 and -8 <= x <= 0
@@ -142,3 +150,40 @@ def test_bad_arguments(store):
         PatchDataset(store, ["c0"], **{**KW, "channels": ["SLF3"]})
     with pytest.raises(DataError, match="nope"):
         PatchDataset(store, ["nope"], **KW)
+
+
+def test_subset_labels_class_balance_and_annotated_masks(store):
+    """Labels mapped through the subset's LUT (by hand), balance over subset classes, per-case masks."""
+    sub = OrganSubset("t", (("A", (8,)), ("B", (1, 4))))  # class 1 = organ 8, class 2 = organs 1 and 4
+    n = 60
+    ds = PatchDataset(store, ["c0", "c3"], **{**KW, "samples_per_epoch": n, "foreground_fraction": 1.0}, subset=sub)
+    by_hand = np.zeros(NUM_CLASSES, np.int64)
+    by_hand[8], by_hand[1], by_hand[4] = 1, 2, 2
+    seen = set()
+    for i in range(n):
+        info = ds.sample_info(i)
+        img, lab, ann = ds[i]
+        (z, y, x), cid = info.start, info.case_id
+        stored = store.read_label(cid)[z : z + 8, y : y + 24, x : x + 24]
+        if cid == "c0":
+            assert ann.tolist() == [True, True, True]
+            np.testing.assert_array_equal(lab.numpy(), by_hand[stored])
+        else:  # c3 lacks organ 4, so class B is not annotated there: its voxels (organ 1) read as background
+            assert ann.tolist() == [True, True, False]
+            np.testing.assert_array_equal(lab.numpy(), np.where(stored == 8, 1, 0))
+        assert (lab == info.organ).any()  # centred on a voxel of its (subset) class
+        seen.add((cid, info.organ))
+    assert seen == {("c0", 1), ("c0", 2), ("c3", 1)}  # no centre on a class a case does not annotate
+    # COMMON7: the lens (4) is outside the subset: background; organs 1 and 8 are classes 1 and 4
+    ds7 = PatchDataset(store, ["c0"], **KW, subset=COMMON7)
+    for i in range(len(ds7)):
+        (z, y, x) = ds7.sample_info(i).start
+        stored = store.read_label("c0")[z : z + 8, y : y + 24, x : x + 24]
+        np.testing.assert_array_equal(ds7[i][1].numpy(), COMMON7.to_subset(stored))
+        assert ds7[i][2].shape == (8,)
+
+
+def test_annotated_mask_of_a_partial_case_in_structseg_space(store):
+    ds = PatchDataset(store, ["c3"], **KW)
+    assert ds.annotated("c3").tolist() == [c in (0, 1, 8) for c in range(NUM_CLASSES)]
+    assert all(ds[i][2].tolist() == ds.annotated("c3").tolist() for i in range(3))

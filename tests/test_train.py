@@ -197,3 +197,45 @@ def test_cli_trains_with_debug_executor(tmp_path, tiny_store, monkeypatch, capsy
     assert done["iterations"] == 2 and done["fold"] == 1 and len(folds) == 2
     assert cli.main(["train", str(cfg), "--member", "m1", "--fold", "1"]) == 0
     assert "already trained" in capsys.readouterr().out
+
+
+def test_an_organ_subset_trains_a_network_of_its_classes(tmp_path, tiny_store):
+    """organs: common7 -> 8 output classes, organ ids from the subset, validation Dice of 8 classes."""
+    from sepnet.core.organs import COMMON7
+
+    spec = tiny_spec(tmp_path, tiny_store, organs="common7",
+                     training=dataclasses.replace(TINY, epochs=1, iterations_per_epoch=2, val_every=2))
+    assert spec.num_classes == 8 and spec.organ_ids == (1, 6, 7, 8, 12, 13, 21)
+    done = TrainTask(spec)()
+    assert len(done["val_dice"]) == 8
+    head = [v for k, v in load(spec.out_dir / "best.pt")["model"].items() if v.ndim == 5][-1]
+    assert head.shape[0] == 8  # the last convolution predicts the subset's classes
+    ms = ModelSpec.read(spec.out_dir)
+    assert (ms.organs, ms.num_classes, ms.organ_ids) == ("common7", 8, (1, 6, 7, 8, 12, 13, 21))
+    # the spec maps the model's labels back to StructSeg ids (the mandible to its first id, 21)
+    assert ms.subset == COMMON7 and ms.subset.from_subset(np.arange(8)).tolist() == [0, 1, 6, 7, 8, 12, 13, 21]
+
+
+def test_model_spec_checks_its_organs_and_reads_older_specs(tmp_path):
+    spec = ModelSpec(name="m", kind="member", network="sepnet", base=8, separable_axis="z", channels=("SLF1",),
+                     loss="dice", alpha=0.5, num_classes=NUM_CLASSES, organ_ids=ORGAN_IDS, patch=(8, 32, 32))
+    old = spec.to_dict()
+    del old["organs"]  # written before organ subsets: all 22 organs
+    assert ModelSpec.from_dict(old) == spec and spec.organs == "structseg22"
+    with pytest.raises(ValueError, match="not those of subset common7"):
+        dataclasses.replace(spec, organs="common7", num_classes=8, organ_ids=(1, 2, 3, 4, 5, 6, 7))
+    with pytest.raises(ValueError, match="unknown organ subset"):
+        dataclasses.replace(spec, organs="nope")
+
+
+def test_study_organs_reach_the_train_spec(tmp_path, tiny_store):
+    from sepnet.core.errors import ConfigError
+    from sepnet.jobs.config import load_config
+
+    cfg_path, root = _study(tmp_path, tiny_store)
+    cfg_path.write_text(cfg_path.read_text().replace("root: study\n", "root: study\norgans: common7\n"))
+    spec = train_spec(load_config(cfg_path), model="m1", fold=0)
+    assert (spec.organs, spec.num_classes) == ("common7", 8)
+    cfg_path.write_text(cfg_path.read_text().replace("organs: common7", "organs: eyes"))
+    with pytest.raises(ConfigError, match="organs: unknown organ subset 'eyes'; known: structseg22, common7"):
+        load_config(cfg_path)
