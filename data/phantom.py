@@ -153,8 +153,11 @@ def _seed_tag(seed) -> str:
 # Writing datasets.
 
 
-def write_phantom(out, *, cases: int, seed: int, size: str = "small", format: str = "structseg") -> list[Path]:
+def write_phantom(out, *, cases: int, seed: int, size: str = "small", format: str = "structseg",
+                  indices=None) -> list[Path]:
     """Write ``cases`` phantom cases ``phantom_000``, ... into ``out``; case i uses seed ``(seed, i)``.
+
+    indices: only these case numbers of the ``cases`` (one shard of several writers); None = all.
 
     format: ``structseg`` | ``pddca`` | ``hanseg`` | ``dicom``, written by ``sepnet.data.readers.write_case``
     as ``out/<case_id>/...``, which builds each case folder under a temporary name and renames it into place,
@@ -180,6 +183,8 @@ def write_phantom(out, *, cases: int, seed: int, size: str = "small", format: st
 
     paths: list[Path] = []
     for i in range(cases):
+        if indices is not None and i not in indices:
+            continue
         cid = f"phantom_{i:03d}"
         dest = out / cid
         if dest.exists():

@@ -2,8 +2,14 @@
 
 Each case goes through the one case preparation (``sepnet.data.prepare.prepare_case``), is written under
 a temporary name and committed by renaming its directory (``os.replace``), so a crash never leaves a
-half-written case that :class:`Store` would accept. One writer per store. A complete case whose sources
-and plan (``Plan.key()``) are unchanged is skipped on a rerun.
+half-written case that :class:`Store` would accept. A complete case whose sources and plan
+(``Plan.key()``) are unchanged is skipped on a rerun.
+
+Several writers (shards, ``case_ids``) may fill one store at once, also on a shared filesystem: each
+writes only its own cases and removes only its own cases' leftovers; plan.json and plan.md have the
+same content whoever writes them (atomic renames); the store folder is initialised before they
+start (:func:`init_store`) and fingerprint.json is written once every case is in
+(:func:`write_fingerprint`, ``fingerprint=False`` for a shard).
 """
 
 from __future__ import annotations
@@ -13,10 +19,11 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,25 +234,29 @@ def _write_group(g, case: Case, prepared, plan: Plan, fg, hu_sample, stats, *, s
     g.attrs["complete"] = True  # written last: only a fully written group carries it
 
 
-def _process_one(ref, fmt: str, store_path: str, plan: Plan, src_hash: str) -> tuple[str, str, str]:
-    """Worker entry (top level, spawn-safe). Returns (case_id, "done"|"failed", message)."""
+def _process_one(ref, fmt: str, store_path: str, plan: Plan, src_hash: str) -> tuple[str, str, str, float]:
+    """Worker entry (top level, spawn-safe). Returns (case_id, "done"|"failed", message, seconds)."""
     from sepnet.data import readers
 
     case_id = str(ref.case_id)
+    t0 = time.perf_counter()
     try:
         case = readers.read_case(ref, format=fmt, require_label=True)
         store_case(case, store_path, plan, source_hash=src_hash)
     except DataError as exc:
-        return case_id, "failed", str(exc)
+        return case_id, "failed", str(exc), time.perf_counter() - t0
     except Exception as exc:  # a reader bug or an unforeseen file problem: report, keep the others going
         log.debug("case %s failed:\n%s", case_id, traceback.format_exc())
-        return case_id, "failed", f"{', '.join(map(str, _source_files(ref))) or case_id}: {type(exc).__name__}: {exc}"
-    return case_id, "done", ""
+        msg = f"{', '.join(map(str, _source_files(ref))) or case_id}: {type(exc).__name__}: {exc}"
+        return case_id, "failed", msg, time.perf_counter() - t0
+    return case_id, "done", "", time.perf_counter() - t0
 
 
-def init_store(path: str | os.PathLike) -> Path:
+def init_store(path: str | os.PathLike, *, own: Collection[str] | None = None) -> Path:
     """Create (or reopen) the store folder ``path``; remove leftovers of a crashed writer. Returns the path.
 
+    own: the case ids this writer owns (a shard); only their leftovers are removed, so that writers of
+    other cases may be at work at the same time. None: the only writer, every leftover goes.
     Raises DataError when ``path`` is not a folder that can hold a store (a file, below a file, not
     writable, or another Zarr group).
     """
@@ -270,10 +281,11 @@ def init_store(path: str | os.PathLike) -> Path:
     (path / "cases").mkdir(exist_ok=True)
     if not (path / "cases" / "zarr.json").is_file():
         zarr.open_group(path / "cases", mode="a")
-    # Leftovers of a crashed run (one writer per store, so nobody else owns them).
+    # Leftovers of a crashed run (of this writer's cases: other writers' temp folders are theirs).
     for d in (path / "cases").iterdir():
         if d.name.startswith(".") and (".tmp-" in d.name or ".old-" in d.name):
-            shutil.rmtree(d, ignore_errors=True)
+            if own is None or re.sub(r"\.(tmp|old)-\d+$", "", d.name[1:]) in own:
+                shutil.rmtree(d, ignore_errors=True)
     return path
 
 
@@ -316,6 +328,26 @@ def _write_file(path: Path, write) -> None:
         raise DataError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
+def stale_cases(dataset: str | os.PathLike, store: str | os.PathLike, *, plan: Plan, format: str = "auto",
+                case_ids: Collection[str] | None = None) -> list[str]:
+    """Case ids of ``dataset`` (those in ``case_ids`` when given) that the store lacks or holds out of date
+    (sources or plan changed): what :func:`preprocess` would write. Reads attributes only, writes nothing."""
+    from sepnet.data import readers
+
+    store = Path(store)
+    return [str(r.case_id) for r in readers.list_cases(dataset, format=format)
+            if (case_ids is None or str(r.case_id) in case_ids)
+            and not _up_to_date(store, str(r.case_id), source_hash(r), plan, verify=False)]
+
+
+def write_fingerprint(store: str | os.PathLike) -> Path:
+    """Compute the fingerprint of the store's complete cases and write fingerprint.json (atomic)."""
+    store = Path(store)
+    fp = compute_fingerprint(Store(store))
+    _write_file(store / "fingerprint.json", lambda p: atomic_write_json(p, fp))
+    return store / "fingerprint.json"
+
+
 def _run_cases(todo: list, *, fmt: str, store: Path, plan: Plan, workers: int, collect) -> None:
     """Process ``todo`` [(ref, source_hash)] serially or in ``workers`` spawned processes."""
     if workers <= 1 or len(todo) <= 1:
@@ -343,6 +375,8 @@ def preprocess(
     workers: int = 2,
     progress: bool = True,
     verify: bool = False,
+    case_ids: Collection[str] | None = None,
+    fingerprint: bool = True,
 ) -> PreprocessReport:
     """Convert a labelled dataset into a Zarr store (layout: ``sepnet.data.store``).
 
@@ -355,6 +389,10 @@ def preprocess(
         chunks: (channel, z, y, x) chunk shape; codec: zstd | lz4 (Blosc, byte shuffle) | none.
         workers: processes (spawn); 1 = in this process.
         verify: check the checksums of cases that would be skipped and rewrite the damaged ones.
+        progress: print one line per case written (case id, seconds, ok / failed: cause) to stdout.
+        case_ids: only these cases of the dataset (a shard; the others are left alone).
+        fingerprint: write fingerprint.json at the end (False for a shard: the caller writes it
+            with :func:`write_fingerprint` once every shard is done).
 
     Returns:
         PreprocessReport; a case whose reading fails is listed in ``failed`` and skipped.
@@ -367,12 +405,14 @@ def preprocess(
     t0 = time.perf_counter()
     plan = make_plan(transforms=transforms, crop=crop, spacing_zyx=spacing, chunks=chunks, codec=codec,
                      clevel=clevel)
-    store = init_store(store)
+    store = init_store(store, own=case_ids)
     refs = readers.list_cases(dataset, format=format)
     report = PreprocessReport(store=store)
     todo = []
     for ref in refs:
         cid = str(ref.case_id)
+        if case_ids is not None and cid not in case_ids:
+            continue
         if not cid or cid.startswith(".") or "/" in cid or "\\" in cid:
             report.failed[cid] = f"{dataset}: case id {cid!r} is not a valid folder name"
             continue
@@ -384,30 +424,23 @@ def preprocess(
     _write_file(store / "plan.json", lambda p: atomic_write_json(p, plan.to_dict()))
     _write_file(store / "plan.md", lambda p: atomic_write_text(p, _plan_md(plan, len(refs))))
 
-    bar = None
-    if progress and todo:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), desc="preprocess", unit="case")
-
-    def _collect(res: tuple[str, str, str]) -> None:
-        cid, status, msg = res
+    def _collect(res: tuple[str, str, str, float]) -> None:
+        cid, status, msg, seconds = res
         if status == "done":
             report.done.append(cid)
         else:
             report.failed[cid] = msg
             log.warning("preprocess: failed case %s: %s", cid, msg)  # one line per bad case
-        if bar is not None:
-            bar.update(1)
+        if progress:  # one line per case, also in a batch job's log
+            n = len(report.done) + len(report.failed)
+            print(f"preprocess [{n}/{len(todo)}] {cid}: {seconds:.1f} s "
+                  + ("ok" if status == "done" else f"failed: {msg}"), flush=True)
 
     try:
         _run_cases(todo, fmt=format, store=store, plan=plan, workers=workers, collect=_collect)
     finally:
-        if bar is not None:
-            bar.close()
-        # The fingerprint always describes what is complete now (also after an interrupted run).
-        fp = compute_fingerprint(Store(store))
-        _write_file(store / "fingerprint.json", lambda p: atomic_write_json(p, fp))
+        if fingerprint:  # describes what is complete now (also after an interrupted run)
+            write_fingerprint(store)
     report.done.sort()
     report.skipped.sort()
     report.seconds = time.perf_counter() - t0

@@ -104,7 +104,7 @@ def default_partition() -> str:
     raise SubmissionError("executor.partition: not set and the cluster has no default partition")
 
 
-def check_slurm_fit(cfg: ExecutorConfig) -> str:
+def check_slurm_fit(cfg: ExecutorConfig, *, where: str = "executor") -> str:
     """Raise SubmissionError unless ``cfg`` fits its partition; return the partition name.
 
     A request fits when enough nodes (``cfg.nodes``) each have ``tasks_per_node * cpus_per_task``
@@ -114,7 +114,7 @@ def check_slurm_fit(cfg: ExecutorConfig) -> str:
     groups = parse_sinfo(_run(["sinfo", "-h", "-p", part, "-o", "%c %m %G %D"]))
     if not groups:
         known = sorted({p.rstrip("*") for p in _run(["sinfo", "-h", "-o", "%P"]).split()})
-        raise SubmissionError(f"executor.partition: unknown partition {part!r}; known: {', '.join(known)}")
+        raise SubmissionError(f"{where}.partition: unknown partition {part!r}; known: {', '.join(known)}")
     cpus = cfg.tasks_per_node * cfg.cpus_per_task
     mem_mb = int(cfg.mem_gb * 1024) if cfg.mem_gb else 0
     fitting = [g for g in groups if g.cpus >= cpus and g.gpus >= cfg.gpus_per_node and g.mem_mb >= mem_mb]
@@ -127,46 +127,56 @@ def check_slurm_fit(cfg: ExecutorConfig) -> str:
             why = f"gpus_per_node = {cfg.gpus_per_node}, but its nodes have at most {max(g.gpus for g in groups)}"
         else:
             why = f"mem_gb = {cfg.mem_gb}, but its nodes have at most {max(g.mem_mb for g in groups)} MB"
-        raise SubmissionError(f"executor: the request does not fit partition {part!r}: {why}")
+        raise SubmissionError(f"{where}: the request does not fit partition {part!r}: {why}")
     available = sum(g.count for g in fitting)
     if cfg.nodes > available:
         raise SubmissionError(
-            f"executor.nodes: {cfg.nodes} nodes requested, but partition {part!r} has {available} that fit"
+            f"{where}.nodes: {cfg.nodes} nodes requested, but partition {part!r} has {available} that fit"
         )
     return part
 
 
-def _check_common(cfg: ExecutorConfig) -> None:
+def _check_common(cfg: ExecutorConfig, where: str = "executor") -> None:
     if cfg.kind not in KINDS:
-        raise SubmissionError(f"executor.kind: unknown kind {cfg.kind!r}; known: {', '.join(KINDS)}")
+        raise SubmissionError(f"{where}.kind: unknown kind {cfg.kind!r}; known: {', '.join(KINDS)}")
     for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "array_parallelism"):
         if getattr(cfg, key) < 1:
-            raise SubmissionError(f"executor.{key}: must be >= 1, got {getattr(cfg, key)}")
+            raise SubmissionError(f"{where}.{key}: must be >= 1, got {getattr(cfg, key)}")
     if cfg.gpus_per_node < 0:
-        raise SubmissionError(f"executor.gpus_per_node: must be >= 0, got {cfg.gpus_per_node}")
+        raise SubmissionError(f"{where}.gpus_per_node: must be >= 0, got {cfg.gpus_per_node}")
     if cfg.master_port is not None and not 1024 <= cfg.master_port <= 65535:
-        raise SubmissionError(f"executor.master_port: must be in 1024..65535 (or null), got {cfg.master_port}")
+        raise SubmissionError(f"{where}.master_port: must be in 1024..65535 (or null), got {cfg.master_port}")
     if not cfg.rendezvous_timeout_s > 0:
-        raise SubmissionError(f"executor.rendezvous_timeout_s: must be > 0, got {cfg.rendezvous_timeout_s}")
+        raise SubmissionError(f"{where}.rendezvous_timeout_s: must be > 0, got {cfg.rendezvous_timeout_s}")
     for key in ("gloo_socket_ifname", "nccl_socket_ifname"):
         value = getattr(cfg, key)
         if value is not None and not re.fullmatch(r"[\^=]?[A-Za-z0-9_.:-]+(,[A-Za-z0-9_.:-]+)*", value):
-            raise SubmissionError(f"executor.{key}: {value!r} is not an interface name or a comma-separated list")
+            raise SubmissionError(f"{where}.{key}: {value!r} is not an interface name or a comma-separated list")
     if cfg.kind in ("debug", "local") and cfg.nodes != 1:
-        raise SubmissionError(f"executor.nodes: the {cfg.kind} executor runs on one node, got nodes={cfg.nodes}")
+        raise SubmissionError(f"{where}.nodes: the {cfg.kind} executor runs on one node, got nodes={cfg.nodes}")
     if cfg.kind == "local" and cfg.gpus_per_node:
         import torch
 
         have = torch.cuda.device_count()
         if cfg.gpus_per_node > have:
             raise SubmissionError(
-                f"executor.gpus_per_node: {cfg.gpus_per_node} GPUs requested, this machine has {have}"
+                f"{where}.gpus_per_node: {cfg.gpus_per_node} GPUs requested, this machine has {have}"
             )
 
 
-def check_config(cfg: ExecutorConfig) -> None:
-    """Raise SubmissionError for what no cluster can fix: kind, counts, nodes/GPUs of local runs (at config load)."""
+def check_config(cfg: ExecutorConfig, *, stage_defaults: dict[str, dict[str, Any]] | None = None) -> None:
+    """Raise SubmissionError for what no cluster can fix: kind, counts, nodes/GPUs of local runs (at config load).
+
+    Every stage in ``cfg.stages`` (and in ``stage_defaults``, stage -> the caller's defaults of
+    :meth:`ExecutorConfig.for_stage`) is checked as resolved, its errors naming ``executor.stages.<stage>``.
+    """
     _check_common(cfg)
+    stage_defaults = stage_defaults or {}
+    for stage in sorted(set(cfg.stages) | set(stage_defaults)):
+        over = cfg.stages.get(stage)
+        if over is not None and over.array is not None and over.array < 1:
+            raise SubmissionError(f"executor.stages.{stage}.array: must be >= 1, got {over.array}")
+        _check_common(cfg.for_stage(stage, **stage_defaults.get(stage, {})), where=f"executor.stages.{stage}")
 
 
 # --------------------------------------------------------------------------- factory
@@ -188,13 +198,15 @@ def _setup_lines(cfg: ExecutorConfig) -> list[str]:
     return [f"export {k}={shlex.quote(v)}" for k, v in sorted(job_environment(cfg).items())]
 
 
-def make_executor(cfg: ExecutorConfig, *, folder: str | Path, name: str) -> submitit.Executor:
+def make_executor(cfg: ExecutorConfig, *, folder: str | Path, name: str,
+                  where: str = "executor") -> submitit.Executor:
     """Build a submitit executor for ``cfg`` whose jobs log into ``<folder>/<name>/<job id>``.
 
     folder: the study's log root (``<study>/logs``). name: the job name (also the SLURM job name).
+    where: the config key the errors name (``executor.stages.evaluate`` for a stage's config).
     Raises SubmissionError if the request cannot run here (checked against ``sinfo`` for SLURM).
     """
-    _check_common(cfg)
+    _check_common(cfg, where)
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+(/[A-Za-z0-9_.+-]+)*", name) or ".." in name.split("/"):
         raise SubmissionError(f"job name {name!r}: use letters, digits, _ . + - and / between parts only")
     logdir = Path(folder) / name / "%j"
@@ -211,7 +223,7 @@ def make_executor(cfg: ExecutorConfig, *, folder: str | Path, name: str) -> subm
         return ex
     if shutil.which("sbatch") is None:
         raise SubmissionError("executor.kind slurm: sbatch is not on PATH (is this a SLURM login node?)")
-    partition = check_slurm_fit(cfg)
+    partition = check_slurm_fit(cfg, where=where)
     ex = submitit.AutoExecutor(folder=logdir, cluster="slurm")
     params: dict[str, Any] = dict(
         name=name, timeout_min=cfg.time_min, nodes=cfg.nodes, tasks_per_node=cfg.tasks_per_node,
@@ -239,15 +251,29 @@ def _kind(executor: submitit.Executor) -> str:
 
 # --------------------------------------------------------------------------- submission helpers
 
-def submit_tasks(executor: submitit.Executor, tasks: Sequence[Callable[[], Any]]) -> list:
+def submit_tasks(executor: submitit.Executor, tasks: Sequence[Callable[[], Any]], *,
+                 after: Sequence[Any] = ()) -> list:
     """Submit zero-argument callables (e.g. checkpointable ``TrainTask`` instances, which submitit
-    can requeue) as one batch / SLURM job array. Returns the jobs in input order."""
-    jobs = []
+    can requeue) as one batch / SLURM job array. Returns the jobs in input order.
+
+    after: SLURM jobs the whole array waits for (``--dependency=afterok``); SLURM executors only.
+    """
+    jobs: list = []
     if not tasks:
         return jobs
-    with executor.batch():
-        for task in tasks:
-            jobs.append(executor.submit(task))
+    if after and _kind(executor) != "slurm":
+        raise SubmissionError("submit_tasks: dependencies need the slurm executor (use submit_after)")
+    base = dict(executor._executor.parameters.get("additional_parameters", {}) or {}) if after else {}
+    if after:
+        executor.update_parameters(slurm_additional_parameters={**base, "dependency":
+                                                                f"afterok:{':'.join(_job_ids(after))}"})
+    try:
+        with executor.batch():
+            for task in tasks:
+                jobs.append(executor.submit(task))
+    finally:
+        if after:
+            executor.update_parameters(slurm_additional_parameters=base)
     return jobs
 
 

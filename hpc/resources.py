@@ -6,8 +6,38 @@ This dataclass is embedded in the study config (``executor:`` section) and consu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+
+@dataclass
+class StageResources:
+    """Per-stage overrides of :class:`ExecutorConfig` (``executor.stages.<stage>``); None = inherit.
+
+    The same sbatch words as the top level. ``array``: how many array tasks the stage splits into
+    (the caller decides what one task does; None = 1).
+    """
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_min: int | None = None
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    tasks_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    array_parallelism: int | None = None
+    array: int | None = None
+    extra: dict[str, Any] | None = None
+
+    def set_fields(self) -> dict[str, Any]:
+        """The fields given (not None), except ``array``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "array" and getattr(self, f.name) is not None}
 
 
 @dataclass
@@ -27,6 +57,9 @@ class ExecutorConfig:
     for rank 0's rendezvous store (``MASTER_PORT``); None = derived from the job id, so that two
     jobs on one node do not collide. rendezvous_timeout_s: seconds the ranks wait for each other at
     start before the job fails with a one-line ``RendezvousError`` (never a hang).
+
+    stages: per-stage overrides (stage name -> :class:`StageResources`); the top level is the
+    default of every stage. ``for_stage`` resolves one.
     """
 
     kind: str = "local"  # a ``sepnet.hpc.executors.KINDS`` name (checked by check_config)
@@ -47,3 +80,16 @@ class ExecutorConfig:
     nccl_socket_ifname: str | None = None
     master_port: int | None = None
     rendezvous_timeout_s: float = 300.0
+    stages: dict[str, StageResources] = field(default_factory=dict)
+
+    def for_stage(self, stage: str, **defaults: Any) -> ExecutorConfig:
+        """The config of one stage: the top level, then ``defaults`` (the caller's per-stage defaults,
+        e.g. ``gpus_per_node=0``), then ``stages[stage]``. The result has no stages of its own."""
+        over = self.stages.get(stage)
+        values = {**defaults, **(over.set_fields() if over else {})}
+        return dataclasses.replace(self, stages={}, **values)
+
+    def array_of(self, stage: str) -> int:
+        """``stages[stage].array``, 1 when not set."""
+        over = self.stages.get(stage)
+        return over.array if over and over.array is not None else 1

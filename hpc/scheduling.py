@@ -7,8 +7,8 @@ it waits for; nothing here knows what the jobs do.
   at once; a job starts as soon as its dependencies are done; a job whose dependency failed is
   skipped. Ctrl-C cancels the running jobs (local jobs are children of this shell session).
 - :func:`submit_graph_slurm` + :func:`follow_slurm`: on SLURM the whole graph is queued at once (jobs
-  without dependencies as one job array per executor, the others with ``--dependency=afterok``),
-  then followed until every job has ended. SLURM keeps a job whose dependency failed pending forever
+  of one executor with the same dependencies as one job array, with ``--dependency=afterok`` on
+  those), then followed until every job has ended. SLURM keeps a job whose dependency failed pending forever
   (``DependencyNeverSatisfied``): it is cancelled and reported skipped.
 
 A dependency name that is not in the graph counts as done (finished by an earlier run).
@@ -184,30 +184,29 @@ def _collect(run: GraphRun, running: dict[str, Any], *, in_process: bool, on_eve
 def submit_graph_slurm(graph: Sequence[GraphJob], *, on_submit: SubmitFn = _quiet) -> dict[str, Any]:
     """Queue every job of ``graph`` now; returns name -> submitit job.
 
-    Jobs with no dependency inside the graph go in one job array per executor (the task objects
-    themselves, so that submitit can requeue checkpointable tasks on preemption); the others follow
-    in graph order with ``--dependency=afterok`` on their dependencies (which must come earlier).
+    In waves: the jobs whose dependencies inside the graph are all queued go in one job array per
+    (executor, dependencies), the task objects themselves (so that submitit can requeue checkpointable
+    tasks on preemption), with ``--dependency=afterok`` on those dependencies. Raises SubmissionError
+    for a graph that cannot be queued (a cycle).
     """
-    from sepnet.hpc.executors import submit_after, submit_tasks
+    from sepnet.hpc.executors import submit_tasks
 
     by_name = _check_graph(graph)
     jobs: dict[str, Any] = {}
-    free = [j for j in graph if not any(a in by_name for a in j.after)]
-    groups: dict[int, list[GraphJob]] = {}
-    for j in free:
-        groups.setdefault(id(j.executor), []).append(j)
-    for group in groups.values():
-        for j, job in zip(group, submit_tasks(group[0].executor, [j.task for j in group])):
-            jobs[j.name] = job
-            on_submit(j.name, job)
-    for j in graph:
-        if j.name in jobs:
-            continue
-        missing = [a for a in j.after if a in by_name and a not in jobs]
-        if missing:
-            raise SubmissionError(f"job graph: {j.name} depends on {missing[0]}, which comes after it")
-        jobs[j.name] = submit_after(j.executor, j.task, after=[jobs[a] for a in j.after if a in jobs])
-        on_submit(j.name, jobs[j.name])
+    while len(jobs) < len(graph):
+        groups: dict[tuple, list[GraphJob]] = {}
+        for j in graph:
+            deps = tuple(a for a in j.after if a in by_name)
+            if j.name not in jobs and all(a in jobs for a in deps):
+                groups.setdefault((id(j.executor), deps), []).append(j)
+        if not groups:
+            waiting = next(j for j in graph if j.name not in jobs)
+            raise SubmissionError(f"job graph cannot be queued: {waiting.name} waits for a job that never ends")
+        for (_, deps), group in groups.items():
+            queued = submit_tasks(group[0].executor, [j.task for j in group], after=[jobs[a] for a in deps])
+            for j, job in zip(group, queued):
+                jobs[j.name] = job
+                on_submit(j.name, job)
     return jobs
 
 

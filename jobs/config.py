@@ -24,6 +24,9 @@ import yaml
 from sepnet.core.errors import ConfigError
 from sepnet.hpc.resources import ExecutorConfig
 
+if typing.TYPE_CHECKING:
+    from sepnet.core.organs import OrganSubset
+
 
 @dataclass
 class PhantomConfig:
@@ -95,14 +98,25 @@ class TrainingConfig:
     num_workers: int = 2
     seed: int = 0
     pad: bool = True  # pad volumes smaller than the patch
+    log_every: int = 50  # a progress line every this many iterations ...
+    log_period_s: float = 30.0  # ... or after this many seconds, whichever comes first
 
 
 @dataclass
 class InferenceConfig:
     patch: list[int] | None = None  # None = training.patch
     overlap: float = 0.5
-    tta: bool = False
+    tta: bool | list[str] = False  # false; true = left-right (x) mirror only; or the axes to mirror, e.g. [x]
     batch_size: int = 2
+
+    @property
+    def tta_axes(self) -> tuple[str, ...]:
+        """The mirror axes of test-time augmentation: () off, ``("x",)`` for ``true`` (never y: a
+        front-back mirrored head is no head the models saw), else the listed axes. Pass ``tta_axes or
+        False`` to ``core.inference.sliding_window``, whose own ``True`` means y and x."""
+        if self.tta is True:
+            return ("x",)
+        return tuple(self.tta) if self.tta else ()
 
 
 @dataclass
@@ -128,6 +142,7 @@ class StudyConfig:
     name: str
     root: str  # study folder (relative paths resolve against the config file's folder)
     datasets: list[DatasetConfig]
+    organs: str = "structseg22"  # the study's classes: a ``sepnet.core.organs.SUBSETS`` name
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     folds: FoldsConfig = field(default_factory=FoldsConfig)
     members: list[MemberConfig] = field(default_factory=list)
@@ -145,6 +160,13 @@ class StudyConfig:
     @property
     def study_dir(self) -> Path:
         return Path(self.root)
+
+    @property
+    def subset(self) -> OrganSubset:
+        """The study's organ classes (``organs``, checked at load)."""
+        from sepnet.core.organs import SUBSETS
+
+        return SUBSETS[self.organs]
 
     def models(self) -> list[MemberConfig]:
         return list(self.members) + list(self.baselines)
@@ -186,6 +208,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, a, where)
             except ConfigError as e:
                 errors.append(str(e))
+        # every alternative refused the value itself (not an item of it): name them all
+        own = [e[len(where) + 11:].split(", got ")[0] for e in errors if e.startswith(f"{where}: expected ")]
+        if len(own) == len(errors) > 1:
+            raise ConfigError(f"{where}: expected {' or '.join(own)}, got {value!r}")
         raise ConfigError(errors[-1] if errors else f"{where}: must not be null")
     if origin is Literal:
         if value not in args:
@@ -264,6 +290,7 @@ def _validate_names(cfg: StudyConfig) -> None:
     from sepnet.core.intensity import PRESETS
     from sepnet.core.losses import LOSSES
     from sepnet.core.networks import NETWORKS
+    from sepnet.core.organs import SUBSETS
     from sepnet.data.phantom import SIZES
     from sepnet.data.prepare import CODECS
     from sepnet.data.readers import FORMATS
@@ -278,6 +305,13 @@ def _validate_names(cfg: StudyConfig) -> None:
         if d.phantom is not None:
             _known(f"datasets[{i}].phantom.size", d.phantom.size, tuple(SIZES), "phantom size")
     _known("evaluation.hd_convention", cfg.evaluation.hd_convention, CONVENTIONS, "convention")
+    _known("organs", cfg.organs, tuple(SUBSETS), "organ subset")
+    tta = cfg.inference.tta
+    if not isinstance(tta, bool):
+        bad = [a for a in tta if a not in ("z", "y", "x")]
+        if bad or not tta or len(set(tta)) != len(tta):
+            raise ConfigError(f"inference.tta: expected false, true (left-right) or a list of distinct axes "
+                              f"among z, y, x, got {tta}")
     _known("preprocess.codec", cfg.preprocess.codec, CODECS, "codec")
     for t in cfg.preprocess.transforms:
         _known("preprocess.transforms", t, tuple(PRESETS), "transform")
@@ -318,6 +352,9 @@ def _validate_sizes(cfg: StudyConfig) -> None:
                 "checkpoint_every", "grad_accum"):
         if getattr(tr, key) < 1:
             raise ConfigError(f"training.{key}: must be >= 1, got {getattr(tr, key)}")
+    if tr.log_every < 1 or not tr.log_period_s > 0:
+        raise ConfigError(f"training.log_every / log_period_s: must be >= 1 / > 0, got {tr.log_every} / "
+                          f"{tr.log_period_s}")
     if tr.num_workers < 0:
         raise ConfigError(f"training.num_workers: must be >= 0, got {tr.num_workers}")
     if not 0 <= tr.foreground_fraction <= 1:
@@ -356,13 +393,35 @@ def _validate_ensemble(cfg: StudyConfig) -> None:
         raise ConfigError(f"ensemble.rank_weights: weights must be >= 0 and not all 0, got {w}")
 
 
+# the stages of a study's job graph, each with its own resources (``executor.stages.<stage>``)
+STAGES = ("preprocess", "train", "evaluate", "report")
+ARRAY_STAGES = ("preprocess",)  # stages that ``executor.stages.<stage>.array`` splits into array tasks
+
+
+def stage_defaults(ex: ExecutorConfig) -> dict[str, dict[str, Any]]:
+    """Per-stage defaults below the user's overrides: training takes the top level; the other stages
+    are one task on one node, without GPUs except evaluation (at most one)."""
+    one = {"nodes": 1, "tasks_per_node": 1}
+    return {"preprocess": {**one, "gpus_per_node": 0}, "train": {},
+            "evaluate": {**one, "gpus_per_node": min(ex.gpus_per_node, 1)}, "report": {**one, "gpus_per_node": 0}}
+
+
+def stage_executor(ex: ExecutorConfig, stage: str) -> ExecutorConfig:
+    """The resolved executor config of one stage (top level < stage defaults < ``executor.stages.<stage>``)."""
+    return ex.for_stage(stage, **stage_defaults(ex)[stage])
+
+
 def _validate_executor(cfg: StudyConfig) -> None:
-    """The executor's limits that need no cluster (kind, counts, nodes of local runs, local GPUs)."""
+    """The executor's limits that need no cluster (kind, counts, nodes of local runs, local GPUs), per stage."""
     from sepnet.core.errors import SubmissionError
     from sepnet.hpc.executors import check_config
 
+    for stage, over in cfg.executor.stages.items():
+        _known("executor.stages", stage, STAGES, "stage")
+        if over.array is not None and stage not in ARRAY_STAGES:
+            raise ConfigError(f"executor.stages.{stage}.array: only {', '.join(ARRAY_STAGES)} splits into an array")
     try:
-        check_config(cfg.executor)
+        check_config(cfg.executor, stage_defaults=stage_defaults(cfg.executor))
     except SubmissionError as e:
         raise ConfigError(str(e)) from None
 

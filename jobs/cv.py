@@ -1,11 +1,15 @@
 """``sepnet cv CONFIG``: a whole cross-validated study on any executor, resumable.
 
-Plan -> data (phantom on first run, preprocessing of what is missing) -> training array
-(folds x members x baselines) -> per-fold evaluation + ensemble jobs (after their trainings)
--> the cross-fold report (after the evaluations). A rerun skips every finished piece
-(store cases, trained models with ``done.json``, evaluated folds, the report) and resubmits
-what failed or is missing; MLflow runs are looked up by key, never duplicated. The resolved config
-(after ``--set`` overrides) is written to ``<root>/study.yaml`` before anything is submitted.
+The job graph, one stage after the other, each stage with its own resources (``executor.stages``):
+preprocess (phantom generation and preprocessing, ``executor.stages.preprocess.array`` shards of the
+cases, all writing into the one store) -> training (folds x members x baselines, after every shard)
+-> per-fold evaluation + ensemble (after that fold's trainings) -> the cross-fold report. This
+process does no heavy work (on a cluster it runs on the login node): it lists the datasets' cases,
+makes the fold split from those ids (no store needed, so the trainings can be queued at once),
+creates the empty store folder and submits. A rerun skips every finished piece (an up-to-date store,
+trained models with ``done.json``, evaluated folds, the report) and resubmits what failed or is
+missing; MLflow runs are looked up by key, never duplicated. The resolved config (after ``--set``
+overrides) is written to ``<root>/study.yaml`` before anything is submitted.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from sepnet.core.errors import ConfigError, DataError, SepnetError
+from sepnet.core.errors import ConfigError, DataError
 from sepnet.hpc.atomic import atomic_write_json, atomic_write_text
 from sepnet.jobs.config import StudyConfig, dump_config, load_config
 from sepnet.jobs.study import Layout, load_or_make_folds, selected_folds
@@ -59,7 +63,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 @dataclass
 class PlannedJob:
-    kind: str  # train | evaluate | report
+    kind: str  # a stage: preprocess | train | evaluate | report (``jobs.config.STAGES``)
     name: str
     fold: int | None = None
     model: str | None = None
@@ -77,15 +81,19 @@ def check_writable(root: Path) -> None:
         raise DataError(f"{root}: study folder is not writable ({e.strerror})") from None
 
 
-def plan_jobs(cfg: StudyConfig, folds: list[dict], fold_ids: list[int]) -> list[PlannedJob]:
+def plan_jobs(cfg: StudyConfig, folds: list[dict], fold_ids: list[int], *, shards: int = 1,
+              data_ready: bool = True) -> list[PlannedJob]:
+    """The study's jobs in graph order. shards: preprocessing jobs; data_ready: the store is up to date."""
     layout = Layout(Path(cfg.root))
-    jobs: list[PlannedJob] = []
+    jobs = [PlannedJob("preprocess", f"preprocess/shard{i}", done=data_ready) for i in range(shards)]
+    pre = [j.name for j in jobs]
     for f in fold_ids:
         names = []
         for m in cfg.models():
             name = f"train/fold{f}/{m.name}"
             names.append(name)
-            jobs.append(PlannedJob("train", name, fold=f, model=m.name, done=layout.trained(f, m.name)))
+            jobs.append(PlannedJob("train", name, fold=f, model=m.name, done=layout.trained(f, m.name),
+                                   after=list(pre)))
         jobs.append(PlannedJob("evaluate", f"evaluate/fold{f}", fold=f, done=layout.evaluated(f), after=names))
     jobs.append(
         PlannedJob(
@@ -96,94 +104,78 @@ def plan_jobs(cfg: StudyConfig, folds: list[dict], fold_ids: list[int]) -> list[
     return jobs
 
 
+def stage_totals(cfg: StudyConfig, jobs: list[PlannedJob]) -> dict[str, dict[str, float]]:
+    """Per stage: jobs to run and their CPU-h and GPU-h at most (each job at its full wall-clock limit):
+    ``jobs x nodes x tasks_per_node x cpus_per_task x time_min / 60`` CPU-h, ``jobs x nodes x gpus_per_node
+    x time_min / 60`` GPU-h, with the stage's resolved resources."""
+    from sepnet.jobs.config import STAGES, stage_executor
+
+    out = {}
+    for stage in STAGES:
+        n = sum(1 for j in jobs if j.kind == stage and not j.done)
+        ex = stage_executor(cfg.executor, stage)
+        hours = n * ex.nodes * ex.time_min / 60
+        out[stage] = {"jobs": n, "cpu_h": hours * ex.tasks_per_node * ex.cpus_per_task,
+                      "gpu_h": hours * ex.gpus_per_node}
+    return out
+
+
+def _resources(ex) -> str:
+    return (f"{ex.nodes} node(s) x {ex.tasks_per_node} task(s) x {ex.cpus_per_task} CPU(s), {ex.gpus_per_node} GPU(s)"
+            + (f"/node, {ex.mem_gb:g} GB" if ex.mem_gb else "/node") + f", {ex.time_min} min"
+            + (f", partition {ex.partition}" if ex.partition else ""))
+
+
 def describe_plan(cfg: StudyConfig, folds: list[dict], fold_ids: list[int], jobs: list[PlannedJob]) -> str:
+    """The per-stage job graph (done/todo, dependencies, each stage's resources) and the resource totals."""
+    from sepnet.jobs.config import STAGES, stage_executor
+
     ex = cfg.executor
     lines = [f"study {cfg.name} -> {cfg.root}", f"executor: {ex.kind}" + (f" (partition {ex.partition})"
                                                                           if ex.partition else "")]
+    pre = [j for j in jobs if j.kind == "preprocess"]
+    lines.append(f"[{'done' if all(j.done for j in pre) else 'todo'}] preprocess: {len(pre)} job(s)"
+                 + (" (array)" if len(pre) > 1 else ""))
     for f in fold_ids:
         fd = folds[f]
         lines.append(f"fold {f}: train {len(fd['train'])}, val {len(fd['val'])}, test {len(fd['test'])} cases")
         for j in jobs:
             if j.fold == f:
                 lines.append(f"  [{'done' if j.done else 'todo'}] {j.name}" + (
-                    f"  (after {len(j.after)} trainings)" if j.kind == "evaluate" else ""))
+                    f"  (after {len(j.after)} trainings)" if j.kind == "evaluate" else
+                    f"  (after {len(j.after)} preprocess job(s))" if j.after else ""))
     rep = jobs[-1]
     lines.append(f"[{'done' if rep.done else 'todo'}] report  (after {len(rep.after)} evaluations)")
-    todo_train = [j for j in jobs if j.kind == "train" and not j.done]
-    gpus = ex.nodes * ex.gpus_per_node
-    lines.append(
-        f"totals: {len(todo_train)} training jobs to run x {ex.nodes} node(s) x {ex.tasks_per_node} task(s), "
-        f"{gpus} GPU(s) each; at most {len(todo_train) * ex.time_min / 60:.1f} h wall-clock limit in total"
-        + (f", {len(todo_train) * gpus * ex.time_min / 60:.1f} GPU-h" if gpus else "")
-        + f"; {sum(1 for j in jobs if j.kind == 'evaluate' and not j.done)} evaluation job(s); array parallelism "
-        f"{ex.array_parallelism}"
-    )
+    totals = stage_totals(cfg, jobs)
+    lines.append(f"{'stage':<12} {'jobs':>4}  {'resources per job':<76} {'CPU-h':>8} {'GPU-h':>8}")
+    for stage in STAGES:
+        t = totals[stage]
+        lines.append(f"{stage:<12} {t['jobs']:>4}  {_resources(stage_executor(ex, stage)):<76} "
+                     f"{t['cpu_h']:>8.2f} {t['gpu_h']:>8.2f}")
+    n = sum(t["jobs"] for t in totals.values())
+    lines.append(f"{'total':<12} {n:>4}  {'(at most: every job at its full time limit)':<76} "
+                 f"{sum(t['cpu_h'] for t in totals.values()):>8.2f} {sum(t['gpu_h'] for t in totals.values()):>8.2f}")
+    lines.append(f"{totals['train']['jobs']} training jobs to run; array parallelism {ex.array_parallelism}")
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- data
 
-def prepare_data(cfg: StudyConfig, *, progress: bool = True) -> list[str]:
-    """Generate phantom datasets when missing, preprocess what the store lacks; return the store's case ids."""
-    from sepnet.data import store as store_mod
-    from sepnet.data.preprocess import preprocess
+def study_graph(cfg: StudyConfig, *, dry_run: bool = False) -> tuple[list[dict], list[int], list[PlannedJob]]:
+    """Folds (from the datasets' listed case ids) and the planned jobs; a dry run writes nothing (no
+    folds.json)."""
+    from sepnet.jobs.preprocess import data_ready, shard_count, study_cases
+    from sepnet.jobs.study import make_folds
 
     layout = Layout(Path(cfg.root))
-    pp = cfg.preprocess
-    for ds in cfg.datasets:
-        path = Path(ds.path)
-        if ds.phantom is not None and (not path.exists() or not any(path.iterdir())):
-            from sepnet.data.phantom import write_phantom
-
-            fmt = ds.format if ds.format != "auto" else "structseg"
-            log.info("generating %d phantom cases (%s) in %s", ds.phantom.cases, ds.phantom.size, path)
-            write_phantom(path, cases=ds.phantom.cases, seed=ds.phantom.seed, size=ds.phantom.size, format=fmt)
-        if not path.exists():
-            raise DataError(f"{path}: dataset folder does not exist")
-        report = preprocess(
-            path,
-            layout.store,
-            format=ds.format,
-            transforms=tuple(pp.transforms),
-            crop=tuple(pp.crop) if pp.crop else None,
-            spacing=tuple(pp.spacing) if pp.spacing else None,
-            chunks=tuple(pp.chunks),
-            codec=pp.codec,
-            clevel=pp.clevel,
-            workers=pp.workers,
-            progress=progress,
-        )
-        failed = getattr(report, "failed", {}) or {}
-        for case, msg in failed.items():
-            log.warning("case %s skipped: %s", case, msg)
-    case_ids = list(store_mod.Store(layout.store).case_ids)
-    if not case_ids:
-        raise DataError(f"{', '.join(d.path for d in cfg.datasets)}: no readable case")
-    return case_ids
-
-
-def planned_case_ids(cfg: StudyConfig) -> list[str]:
-    """Case ids for a dry run, without writing anything."""
-    layout = Layout(Path(cfg.root))
-    if layout.store.exists():
-        from sepnet.data.store import Store
-
-        try:
-            return list(Store(layout.store).case_ids)
-        except SepnetError:
-            pass
-    ids: list[str] = []
-    for ds in cfg.datasets:
-        path = Path(ds.path)
-        if path.exists() and any(path.iterdir()):
-            from sepnet.data.readers import list_cases
-
-            ids += [r.case_id for r in list_cases(path, format=ds.format)]
-        elif ds.phantom is not None:
-            ids += [f"phantom_{i:03d}" for i in range(ds.phantom.cases)]
-        else:
-            raise DataError(f"{path}: dataset folder does not exist")
-    return ids
+    case_ids = [cid for _, cid in study_cases(cfg)]
+    if not dry_run or layout.folds_file.exists() or cfg.folds.split_file:
+        folds = load_or_make_folds(cfg, case_ids)
+    else:
+        folds = make_folds(case_ids, k=cfg.folds.k, seed=cfg.folds.seed, val_fraction=cfg.folds.val_fraction)
+    fold_ids = selected_folds(cfg, folds)
+    ready = layout.store.is_dir() and data_ready(cfg, layout.store)
+    return folds, fold_ids, plan_jobs(cfg, folds, fold_ids, shards=shard_count(cfg, len(case_ids)), data_ready=ready)
 
 
 # --------------------------------------------------------------------------- run
@@ -209,13 +201,7 @@ def run(args: argparse.Namespace) -> int:
     layout = Layout(Path(cfg.root))
 
     if args.dry_run:
-        case_ids = planned_case_ids(cfg)
-        from sepnet.jobs.study import make_folds
-
-        folds = (load_or_make_folds(cfg, case_ids) if layout.folds_file.exists() or cfg.folds.split_file
-                 else make_folds(case_ids, k=cfg.folds.k, seed=cfg.folds.seed, val_fraction=cfg.folds.val_fraction))
-        fold_ids = selected_folds(cfg, folds)
-        print(describe_plan(cfg, folds, fold_ids, plan_jobs(cfg, folds, fold_ids)))
+        print(describe_plan(cfg, *study_graph(cfg, dry_run=True)))
         return 0
 
     check_writable(layout.root)
@@ -227,10 +213,10 @@ def run(args: argparse.Namespace) -> int:
         return _spawn_detached(args, layout)
 
     t0 = time.time()
-    case_ids = prepare_data(cfg)
-    folds = load_or_make_folds(cfg, case_ids)
-    fold_ids = selected_folds(cfg, folds)
-    jobs = plan_jobs(cfg, folds, fold_ids)
+    from sepnet.data.preprocess import init_store
+
+    folds, fold_ids, jobs = study_graph(cfg)
+    init_store(layout.store)  # before the shards start: they only add cases
     print(describe_plan(cfg, folds, fold_ids, jobs), flush=True)
 
     from sepnet.jobs.orchestrate import submit_study

@@ -1,15 +1,18 @@
 """A study's job graph: which jobs, on which executor, in which order; run by ``sepnet.hpc.scheduling``.
 
-The graph: one training per fold x model still to do, one evaluation per fold after that fold's
-trainings, one report after the evaluations. SLURM: everything is queued at once (the trainings as
-one job array) and followed with ``sacct`` until all have ended. Local/debug: the scheduler runs it
-here, at most ``executor.array_parallelism`` jobs at a time, each fold's evaluation starting as soon
-as its trainings are done. Every submitted job is recorded in ``jobs.json`` (``sepnet status``).
+The graph: the preprocessing shards, one training per fold x model still to do (after every shard),
+one evaluation per fold after that fold's trainings, one report after the evaluations. Each stage runs
+on its own executor (``jobs.config.stage_executor``: the top level, the stage's defaults, then
+``executor.stages.<stage>``), every one built and checked (``sinfo``) before anything is queued.
+SLURM: everything is queued at once (the shards as one job array, the trainings as another with
+``afterok`` on the shards) and followed with ``sacct`` until all have ended. Local/debug: the
+scheduler runs it here, at most ``executor.array_parallelism`` jobs at a time, each fold's
+evaluation starting as soon as its trainings are done. Every submitted job is recorded in
+``jobs.json`` (``sepnet status``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import time
@@ -70,7 +73,7 @@ class StudyRun:
         self.cfg = cfg
         self.layout = Layout(Path(cfg.root))
         self.planned = {j.name: j for j in planned}
-        executors = {kind: self._executor(kind) for kind in {j.kind for j in planned if not j.done}}
+        executors = {kind: self._executor(kind) for kind in sorted({j.kind for j in planned if not j.done})}
         self.graph = [GraphJob(j.name, tasks[j.name], executors[j.kind], after=[a for a in j.after
                                                                              if not self.planned[a].done])
                       for j in planned if not j.done]
@@ -78,26 +81,26 @@ class StudyRun:
         self.result = GraphRun()
         self.t0 = time.time()
 
-    def _executor(self, kind: str) -> Any:
+    def _executor(self, stage: str) -> Any:
         from sepnet.hpc.executors import make_executor
+        from sepnet.jobs.config import stage_executor
 
-        ex = self.cfg.executor
-        if kind != "train":  # evaluation and report: one task; the report needs no GPU
-            ex = dataclasses.replace(ex, nodes=1, tasks_per_node=1,
-                                     gpus_per_node=0 if kind == "report" else min(ex.gpus_per_node, 1))
-        return make_executor(ex, folder=self.layout.logs, name=f"{_safe(self.cfg.name)}-{kind}")
+        where = f"executor.stages.{stage}" if stage in self.cfg.executor.stages else "executor"
+        return make_executor(stage_executor(self.cfg.executor, stage), folder=self.layout.logs,
+                             name=f"{_safe(self.cfg.name)}-{stage}", where=where)
 
     def _record(self, name: str, job: Any) -> None:
         self.jobs[name] = job
         data = {"jobs": {n: {"job_id": str(j.job_id), "executor": self.cfg.executor.kind,
-                             "log": str(j.paths.stdout.parent)} for n, j in self.jobs.items()}}
+                             "log": str(j.paths.stdout.parent), "stdout": str(j.paths.stdout),
+                             "stderr": str(j.paths.stderr)} for n, j in self.jobs.items()}}
         atomic_write_json(self.layout.jobs_file, data)
 
     def _progress(self, name: str, what: str, finished: int) -> None:
         print(f"[{finished}/{len(self.graph)}] {time.time() - self.t0:7.0f}s  {name}: {what}", flush=True)
 
     def submit_slurm(self) -> None:
-        """Queue the whole graph on SLURM now (the trainings as one job array)."""
+        """Queue the whole graph on SLURM now (jobs of one stage with the same dependencies as one array)."""
         for name, job in submit_graph_slurm(self.graph, on_submit=self._record).items():
             self._progress(name, f"submitted as SLURM job {job.job_id}", 0)
 
@@ -117,16 +120,22 @@ class StudyRun:
 
 def submit_study(cfg: StudyConfig, folds: list[dict], fold_ids: list[int], planned: list[PlannedJob]) -> StudyRun:
     """Create MLflow runs, check and build the tasks of ``planned``; submit them at once on SLURM."""
+    from sepnet.jobs.preprocess import PreprocessTask
     from sepnet.jobs.report import ReportTask
     from sepnet.jobs.train import TrainTask, check_spec, train_spec
 
     runs = ensure_runs(cfg, fold_ids)
     tasks: dict[str, Any] = {}
+    shards = [j for j in planned if j.kind == "preprocess"]
+    data_ready = all(j.done for j in shards)
     for j in planned:
-        if j.kind == "train":
+        if j.kind == "preprocess":
+            tasks[j.name] = PreprocessTask(cfg, store=str(Layout(Path(cfg.root)).store), shard=shards.index(j),
+                                           shards=len(shards))
+        elif j.kind == "train":
             spec = train_spec(cfg, model=j.model, fold=j.fold, folds=folds,
                               parent_run_id=runs.get(study_run_keys(cfg, j.fold)))
-            if not j.done:
+            if not j.done and data_ready:  # else the store is filled by the preprocess jobs first
                 check_spec(spec)
             tasks[j.name] = TrainTask(spec)
         elif j.kind == "evaluate":

@@ -1,4 +1,6 @@
-"""``sepnet status STUDY``: where each job of a study is (done / running / failed / todo)."""
+"""``sepnet status STUDY``: where each job of a study is (done / running / failed / todo) and the latest
+progress line of its log (training: ``progress ...`` / ``validation ...``; preprocessing: one line per case).
+"""
 
 from __future__ import annotations
 
@@ -15,8 +17,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", help="study folder (the config's root) or the study YAML")
 
 
-def study_status(root: Path) -> list[tuple[str, str, str]]:
-    """Rows (job name, state, job id) from the study folder's files and the scheduler."""
+PROGRESS_PREFIXES = ("progress ", "validation ", "preprocess ")  # the lines the jobs write to their logs
+_TAIL_BYTES = 64 * 1024
+
+
+def latest_progress(paths: list[Path]) -> str:
+    """The last progress line (``PROGRESS_PREFIXES``) in the tails of these log files, "" when none.
+
+    A carriage return (a progress bar) also ends a line. The stdout file is read first; a line found
+    there wins."""
+    for path in paths:
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(max(0, fh.seek(0, 2) - _TAIL_BYTES))
+                text = fh.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines()]
+        found = [ln for ln in lines if ln.startswith(PROGRESS_PREFIXES)]
+        if found:
+            return found[-1]
+    return ""
+
+
+def _log_files(info: dict) -> list[Path]:
+    files = [Path(info[k]) for k in ("stdout", "stderr") if info.get(k)]
+    if not files and info.get("log"):  # older jobs.json: the job's log folder only
+        files = sorted(Path(info["log"]).glob("*_log.out")) + sorted(Path(info["log"]).glob("*_log.err"))
+    return files
+
+
+def study_status(root: Path) -> list[tuple[str, str, str, str]]:
+    """Rows (job name, state, job id, latest progress line of its log or "") from the study folder's
+    files and the scheduler."""
     layout = Layout(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such study folder")
@@ -31,28 +64,37 @@ def study_status(root: Path) -> list[tuple[str, str, str]]:
         for fold_dir in sorted(models_dir.iterdir()):
             for mdir in sorted(fold_dir.iterdir()):
                 names.add(f"train/{fold_dir.name}/{mdir.name}")
-    for name in sorted(names, key=lambda n: (n.split("/")[0] != "train", n)):
-        kind, *rest = name.split("/")
-        if kind == "train":
-            done = (root / "models" / rest[0] / rest[1] / "done.json").is_file()
-        elif kind == "evaluate":
-            done = (root / "eval" / rest[0] / "done.json").is_file()
-        else:
-            done = layout.reported()
+    order = {"preprocess": 0, "train": 1}
+    for name in sorted(names, key=lambda n: (order.get(n.split("/")[0], 2), n)):
         info = submitted.get(name, {})
         jid = str(info.get("job_id", ""))
-        if done:
-            state = "done"
-        elif info.get("executor") == "slurm":
-            state = slurm.get(jid, "submitted").lower()
-        elif jid.isdigit() and pid_alive(int(jid)):
-            state = "running"
-        elif jid:
-            state = "not running (rerun `sepnet cv` to resume)"
-        else:
-            state = "todo"
-        rows.append((name, state, jid))
+        rows.append((name, _state(layout, name, info, slurm), jid, latest_progress(_log_files(info))))
     return rows
+
+
+def _state(layout: Layout, name: str, info: dict, slurm: dict[str, str]) -> str:
+    kind, *rest = name.split("/")
+    jid = str(info.get("job_id", ""))
+    if kind == "train":
+        done = layout.trained(int(rest[0].removeprefix("fold")), rest[1]) if rest[0].startswith("fold") else False
+    elif kind == "evaluate":
+        done = (layout.root / "eval" / rest[0] / "done.json").is_file()
+    elif kind == "preprocess":  # a shard has no file of its own: its job's state; the fingerprint ends the stage
+        done = (layout.store / "fingerprint.json").is_file() and not (
+            info.get("executor") != "slurm" and jid.isdigit() and pid_alive(int(jid)))
+        if info.get("executor") == "slurm" and jid in slurm:
+            done = slurm[jid] == "COMPLETED"
+    else:
+        done = layout.reported()
+    if done:
+        return "done"
+    if info.get("executor") == "slurm":
+        return slurm.get(jid, "submitted").lower()
+    if jid.isdigit() and pid_alive(int(jid)):
+        return "running"
+    if jid:
+        return "not running (rerun `sepnet cv` to resume)"
+    return "todo"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{root}: nothing submitted yet")
         return 0
     width = max(len(r[0]) for r in rows)
-    for name, state, jid in rows:
-        print(f"{name:<{width}}  {state:<12} {jid}")
+    for name, state, jid, line in rows:
+        print(f"{name:<{width}}  {state:<12} {jid:<10} {line}".rstrip())
     n_done = sum(r[1] == "done" for r in rows)
     print(f"{n_done}/{len(rows)} done" + (f"; report: {root / 'report' / 'report.md'}"
                                           if Layout(root).reported() else ""))

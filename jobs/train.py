@@ -224,7 +224,7 @@ def _tracker(spec: TrainSpec, *, enabled: bool) -> RunTracker:
     tags = {"sepnet.fold": str(spec.fold), "sepnet.member": spec.member.name,
             "sepnet.executor_job_id": _executor_job_id(), **spec.extra_tags}
     params = {"member": asdict(spec.member), "training": asdict(spec.training), "fold": spec.fold,
-              "num_classes": spec.num_classes, "n_train_cases": len(spec.train_cases),
+              "num_classes": spec.num_classes, "organs": spec.organs, "n_train_cases": len(spec.train_cases),
               "n_val_cases": len(spec.val_cases)}
     return RunTracker(spec.mlflow_uri, enabled=enabled, experiment=spec.experiment, key=spec.run_key,
                       name=f"fold{spec.fold}/{spec.member.name}", parent_run_id=spec.parent_run_id, tags=tags,
@@ -254,7 +254,8 @@ def _loader(run: _Run) -> tuple[Any, _RangeSampler, torch.utils.data.DataLoader]
     ipe = tr.iterations_per_epoch
     dataset = PatchDataset(run.store, spec.train_cases, channels=spec.channels, patch=tr.patch,
                            samples_per_epoch=ipe * per_iter, foreground_fraction=tr.foreground_fraction,
-                           seed=tr.seed, rank=env.rank, world_size=env.world_size, pad=tr.pad)
+                           seed=tr.seed, rank=env.rank, world_size=env.world_size, pad=tr.pad,
+                           subset=spec.subset)
     sampler = _RangeSampler(0, ipe * per_iter)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=tr.batch_size, sampler=sampler, num_workers=tr.num_workers,
@@ -264,19 +265,67 @@ def _loader(run: _Run) -> tuple[Any, _RangeSampler, torch.utils.data.DataLoader]
     return dataset, sampler, loader
 
 
+class _TimedBatches:
+    """An iterator that adds the seconds spent waiting for the next batch to ``wait_s``."""
+
+    def __init__(self, it: Iterator):
+        self.it, self.wait_s = it, 0.0
+
+    def __iter__(self) -> _TimedBatches:
+        return self
+
+    def __next__(self) -> Any:
+        t = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            self.wait_s += time.perf_counter() - t
+
+
+class _ProgressLine:
+    """One line to stdout (the job's log) every ``log_every`` iterations or ``log_period_s`` seconds:
+    iteration/total, loss, lr, it/s and data-wait share since the last line, ETA (rank 0 only)."""
+
+    def __init__(self, run: _Run):
+        self.run, self.tag = run, f"fold{run.spec.fold}/{run.spec.member.name}"
+        self.t, self.step, self.wait = time.perf_counter(), run.progress.step, 0.0
+
+    def __call__(self, loss: float, wait_s: float) -> None:
+        run, tr, step = self.run, self.run.spec.training, self.run.progress.step
+        now, total = time.perf_counter(), run.spec.total_iterations
+        if not run.env.is_main or not (step - self.step >= tr.log_every or now - self.t >= tr.log_period_s
+                                       or step == total):
+            return
+        dt, n = max(now - self.t, 1e-9), step - self.step
+        rate, waited = n / dt, wait_s - self.wait
+        eta = (total - step) / rate if rate > 0 else float("inf")
+        print(f"progress {self.tag} it {step}/{total} loss {loss:.4f} lr {run.optimizer.param_groups[0]['lr']:.2e} "
+              f"{rate:.2f} it/s data-wait {100 * waited / dt:.0f}% ETA {_hms(eta)}", flush=True)
+        self.t, self.step, self.wait = now, step, wait_s
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def _iterate(run: _Run, *, stop_at: int) -> None:
     """Train from ``run.progress.step`` to ``stop_at``, validating and checkpointing on schedule."""
     tr, p = run.spec.training, run.progress
     ipe, per_iter = tr.iterations_per_epoch, tr.batch_size * tr.grad_accum
     dataset, sampler, loader = _loader(run)
     run.net.train()
+    line, waited = _ProgressLine(run), 0.0
     while p.step < stop_at:
         dataset.set_epoch(p.step // ipe)
         sampler.start = (p.step % ipe) * per_iter
-        batches = iter(loader)
+        batches = _TimedBatches(iter(loader))
         for _ in range(p.step % ipe, ipe):
             loss = _train_step(run, batches)
             p.step += 1
+            line(loss, waited + batches.wait_s)
             if p.step % ipe == 0:
                 run.scheduler.step()
             run.tracker.metric("train_loss", loss, p.step)
@@ -290,6 +339,7 @@ def _iterate(run: _Run, *, stop_at: int) -> None:
                 time.sleep(run.spec.sleep_s)
             if p.step >= stop_at:
                 break
+        waited += batches.wait_s
         del batches
     del loader  # ends persistent workers
 
@@ -299,14 +349,14 @@ def _train_step(run: _Run, batches: Iterator) -> float:
     tr, env, device = run.spec.training, run.env, run.env.device
     loss_sum = 0.0
     for micro in range(tr.grad_accum):
-        image, label = next(batches)
+        image, label, annotated = next(batches)  # annotated (B, K) bool: the classes each case's dataset draws
         image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
         sync = micro == tr.grad_accum - 1 or not env.distributed
         with (nullcontext() if sync else run.net.no_sync()):
             amp = torch.autocast("cuda", dtype=run.amp_dtype) if run.amp_dtype is not None else nullcontext()
             with amp:
                 logits = run.net(image)
-            loss = run.loss_fn(logits.float(), label) / tr.grad_accum
+            loss = run.loss_fn(logits.float(), label, annotated=annotated.to(device)) / tr.grad_accum
             run.scaler.scale(loss).backward()
         loss_sum += float(loss.detach())
     run.scaler.step(run.optimizer)
@@ -319,10 +369,14 @@ def _validate_and_keep_best(run: _Run) -> None:
     """Validate on rank 0, save best.pt when the mean foreground Dice improves; share the best with all ranks."""
     spec, p = run.spec, run.progress
     if run.env.is_main and spec.val_cases:
+        t_val = time.perf_counter()
         dice = validate(run.model, run.store, spec.val_cases, channels=spec.channels, num_classes=spec.num_classes,
                         patch=spec.val_patch or spec.training.patch, overlap=spec.val_overlap,
-                        device=run.env.device, amp_dtype=run.amp_dtype)
+                        device=run.env.device, amp_dtype=run.amp_dtype, subset=spec.subset)
         score = mean_foreground(dice)
+        print(f"validation fold{spec.fold}/{spec.member.name} it {p.step}/{spec.total_iterations}: mean foreground "
+              f"Dice {score:.4f} (best {max(score, p.best_score):.4f}) in {time.perf_counter() - t_val:.1f} s",
+              flush=True)
         run.tracker.metric("val_dice_mean_fg", score, p.step)
         for c, d in enumerate(dice):
             if c and not math.isnan(d):

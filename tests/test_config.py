@@ -157,3 +157,23 @@ def test_dump_config_round_trips(tmp_path):
     again = load_config(out)  # loads from another folder: paths were written absolute
     assert again.to_dict() == cfg.to_dict() and again.digest() == cfg.digest()
     assert again.training.epochs == 3 and again.root == str(tmp_path / "study")
+
+
+@pytest.mark.parametrize("tta, axes", [(False, ()), (True, ("x",)), (["x"], ("x",)), (["z", "x"], ("z", "x"))])
+def test_tta_true_means_left_right_only(tta, axes):
+    cfg = config_from_dict(minimal(inference={"tta": tta}))
+    assert cfg.inference.tta_axes == axes  # never y unless listed: a front-back mirrored head is no head
+    assert "y" not in config_from_dict(minimal(inference={"tta": True})).inference.tta_axes
+
+
+@pytest.mark.parametrize("tta", [["q"], [], ["x", "x"], "x"])
+def test_bad_tta_names_the_key(tta):
+    with pytest.raises(ConfigError, match="inference.tta"):
+        config_from_dict(minimal(inference={"tta": tta}))
+
+
+def test_organs_default_and_choice():
+    assert config_from_dict(minimal()).subset.num_classes == 23
+    assert config_from_dict(minimal(organs="common7")).subset.class_names[-1] == "Mandible"
+    with pytest.raises(ConfigError, match="organs: unknown organ subset"):
+        config_from_dict(minimal(organs="all"))

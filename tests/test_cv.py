@@ -59,7 +59,7 @@ def test_study_end_to_end_on_the_local_executor(trained_study):
     n_test = sum(len(f["test"]) for f in folds)
     assert n_test == 4
     per_model = Counter(r["model"] for r in rows)
-    assert per_model == {m: n_test * NUM_ORGANS for m in [*MODELS, "ensemble"]}
+    assert per_model == {m: n_test * NUM_ORGANS for m in [*MODELS, "ensemble", "ensemble+pp"]}
     # the report: tables, claims, figures; parameters of each model
     report = root / "report"
     md = (report / "report.md").read_text()
@@ -94,12 +94,12 @@ def test_rerun_resumes_without_duplicates(trained_study, capsys):
     before = {p: p.stat().st_mtime_ns for p in root.glob("models/*/*/best.pt")}
     assert main(["cv", str(trained_study)]) == 0
     out = capsys.readouterr().out
-    assert "[todo]" not in out and out.count("[done]") == 9
+    assert "[todo]" not in out and out.count("[done]") == 10  # preprocessing, 6 trainings, 2 evaluations, report
     assert {p: p.stat().st_mtime_ns for p in root.glob("models/*/*/best.pt")} == before
     assert max(run_keys(trained_study).values()) == 1
     # status agrees
     assert main(["status", str(root)]) == 0
-    assert "9/9 done" in capsys.readouterr().out
+    assert "10/10 done" in capsys.readouterr().out
 
 
 def test_interrupted_study_resumes(tmp_path):
@@ -136,7 +136,8 @@ def test_study_on_slurm(tmp_path, slurm):
     root = tmp_path / "study"
     assert (root / "report" / "report.json").is_file()
     jobs = json.loads((root / "jobs.json").read_text())["jobs"]
-    assert {j["executor"] for j in jobs.values()} == {"slurm"} and len(jobs) == 4  # 2 trainings, eval, report
+    # preprocessing, 2 trainings, evaluation, report
+    assert {j["executor"] for j in jobs.values()} == {"slurm"} and len(jobs) == 5
     keys = run_keys(cfg)
     assert max(keys.values()) == 1 and "tiny/fold0/ensemble" in keys
 

@@ -89,3 +89,54 @@ def test_pid_alive():
     proc = subprocess.Popen(["true"])
     proc.wait()
     assert pid_alive(os.getpid()) and not pid_alive(proc.pid)
+
+
+class FakeSlurm:
+    """Records what submit_graph_slurm queues: batches (arrays) with their sbatch dependency."""
+
+    cluster = "slurm"
+
+    def __init__(self, name: str, queued: list):
+        self.name, self.queued, self.next_id = name, queued, [100]
+        self._executor = type("Inner", (), {"parameters": {"additional_parameters": {"reservation": "r"}}})()
+        self.batching: list | None = None
+
+    def update_parameters(self, *, slurm_additional_parameters):
+        self._executor.parameters["additional_parameters"] = slurm_additional_parameters
+
+    def batch(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def _batch():
+            self.batching = []
+            yield
+            deps = self._executor.parameters["additional_parameters"].get("dependency")
+            self.queued.append((self.name, [t.name for t in self.batching], deps))
+            self.batching = None
+
+        return _batch()
+
+    def submit(self, task):
+        self.batching.append(task)
+        self.next_id[0] += 1
+        return type("Job", (), {"job_id": f"{self.name}{self.next_id[0]}"})()
+
+
+def test_slurm_graph_queues_one_array_per_stage_and_dependencies():
+    from sepnet.hpc.scheduling import submit_graph_slurm
+
+    queued: list = []
+    pre, train, ev = FakeSlurm("p", queued), FakeSlurm("t", queued), FakeSlurm("e", queued)
+    task = lambda n: type("T", (), {"name": n})()  # noqa: E731
+    graph = [GraphJob("pre0", task("pre0"), pre), GraphJob("pre1", task("pre1"), pre),
+             GraphJob("a", task("a"), train, after=["pre0", "pre1", "finished-earlier"]),
+             GraphJob("b", task("b"), train, after=["pre0", "pre1"]),
+             GraphJob("eval", task("eval"), ev, after=["a", "b"])]
+    jobs = submit_graph_slurm(graph)
+    assert queued == [("p", ["pre0", "pre1"], None),
+                      ("t", ["a", "b"], "afterok:p101:p102"),
+                      ("e", ["eval"], "afterok:t101:t102")]
+    assert set(jobs) == {"pre0", "pre1", "a", "b", "eval"}
+    # the executor's own sbatch options are back after each dependent array
+    assert train._executor.parameters["additional_parameters"] == {"reservation": "r"}
