@@ -154,10 +154,11 @@ def _seed_tag(seed) -> str:
 
 
 def write_phantom(out, *, cases: int, seed: int, size: str = "small", format: str = "structseg",
-                  indices=None) -> list[Path]:
-    """Write ``cases`` phantom cases ``phantom_000``, ... into ``out``; case i uses seed ``(seed, i)``.
+                  indices=None, prefix: str = "phantom") -> list[Path]:
+    """Write ``cases`` phantom cases ``<prefix>_000``, ... into ``out``; case i uses seed ``(seed, i)``.
 
     indices: only these case numbers of the ``cases`` (one shard of several writers); None = all.
+    prefix: the case-id prefix (distinct per dataset when a study mixes several phantom datasets).
 
     format: ``structseg`` | ``pddca`` | ``hanseg`` | ``dicom``, written by ``sepnet.data.readers.write_case``
     as ``out/<case_id>/...``, which builds each case folder under a temporary name and renames it into place,
@@ -185,7 +186,7 @@ def write_phantom(out, *, cases: int, seed: int, size: str = "small", format: st
     for i in range(cases):
         if indices is not None and i not in indices:
             continue
-        cid = f"phantom_{i:03d}"
+        cid = f"{prefix}_{i:03d}"
         dest = out / cid
         if dest.exists():
             log.info("phantom: %s already present, skipped", dest)

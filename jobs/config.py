@@ -35,6 +35,7 @@ class PhantomConfig:
     cases: int = 6
     seed: int = 0
     size: str = "small"  # a ``sepnet.data.phantom.SIZES`` name
+    prefix: str = "phantom"  # case ids <prefix>_000, ...: distinct per dataset in a mixed study
 
 
 @dataclass

@@ -203,7 +203,8 @@ class EvalTask:
             preds.append(to_organ_ids(ens.labels, subset))
             refs.append(subset_reference(c.ref, subset))
             annotated.append(subset_annotated(c.meta.annotated, subset))
-            print(f"fold {s.fold} validation case {case}: {time.time() - t0:.1f} s (for postprocessing)", flush=True)
+            print(f"evaluate fold{s.fold} validation case {case}: {time.time() - t0:.1f} s (for postprocessing)",
+                  flush=True)
         organs = [int(i) for i in subset.inverse_lut()[1:]]
         decision = choose_postprocessing(preds, refs, organs=organs, annotated=annotated)
         atomic_write_json(out / POSTPROCESS_FILE, {**decision.to_dict(), "val_cases": list(s.val_cases)})
@@ -246,8 +247,8 @@ class EvalTask:
                                      "vvc": float(organ_vvc), "dice": m.dice})
         if s.save_maps:
             self._save_maps(out, case, store, c.meta, final, ens.entropy, ref, first=first)
-        print(f"fold {s.fold} case {case}: {time.time() - t0:.1f} s, ensemble mean Dice {_mean_dice(ens_metrics):.4f}",
-              flush=True)
+        print(f"evaluate fold{s.fold} case {case}: {time.time() - t0:.1f} s, "
+              f"ensemble mean Dice {_mean_dice(ens_metrics):.4f}", flush=True)
 
     def _write(self, out: Path, models: dict, members: list, weights: np.ndarray, res: _Results, *,
                seconds: float) -> dict:

@@ -105,7 +105,7 @@ def study_cases(cfg) -> list[tuple[int, str]]:
     out: list[tuple[int, str]] = []
     for i, ds in enumerate(cfg.datasets):
         if ds.phantom is not None:
-            out += [(i, f"phantom_{n:03d}") for n in range(ds.phantom.cases)]
+            out += [(i, f"{ds.phantom.prefix}_{n:03d}") for n in range(ds.phantom.cases)]
         elif Path(ds.path).is_dir():
             for r in list_cases(ds.path, format=ds.format):
                 if r.problem:  # an incomplete or broken case folder: reported, left out of the study
@@ -116,6 +116,11 @@ def study_cases(cfg) -> list[tuple[int, str]]:
             raise DataError(f"{ds.path}: dataset folder does not exist")
     if not out:
         raise DataError(f"{', '.join(d.path for d in cfg.datasets)}: no readable case")
+    first: dict[str, int] = {}
+    for i, cid in out:  # the store is keyed by case id: a second dataset's case would overwrite the first's
+        if first.setdefault(cid, i) != i:
+            raise DataError(f"{cfg.datasets[i].path}: case id {cid!r} is also a case of "
+                            f"{cfg.datasets[first[cid]].path} (give phantom datasets distinct `phantom.prefix`)")
     return out
 
 
@@ -197,7 +202,8 @@ class PreprocessTask:
                 from sepnet.data.phantom import write_phantom
 
                 write_phantom(ds.path, cases=ds.phantom.cases, seed=ds.phantom.seed, size=ds.phantom.size,
-                              format=_format(ds), indices={int(c.rsplit("_", 1)[1]) for c in ids})
+                              format=_format(ds), indices={int(c.rsplit("_", 1)[1]) for c in ids},
+                              prefix=ds.phantom.prefix)
             if not Path(ds.path).is_dir():
                 raise DataError(f"{ds.path}: dataset folder does not exist")
             report = preprocess(ds.path, self.store, format=_format(ds), transforms=tuple(pp.transforms),

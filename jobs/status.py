@@ -1,5 +1,6 @@
 """``sepnet status STUDY``: where each job of a study is (done / running / failed / todo) and the latest
-progress line of its log (training: ``progress ...`` / ``validation ...``; preprocessing: one line per case).
+progress line of its log (training: ``progress ...`` / ``validation ...``; preprocessing and evaluation: one
+line per case, ``preprocess ...`` / ``evaluate ...``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", help="study folder (the config's root) or the study YAML")
 
 
-PROGRESS_PREFIXES = ("progress ", "validation ", "preprocess ")  # the lines the jobs write to their logs
+PROGRESS_PREFIXES = ("progress ", "validation ", "preprocess ", "evaluate ")  # the lines the jobs write to their logs
 _TAIL_BYTES = 64 * 1024
 
 

@@ -245,3 +245,25 @@ def test_stages_on_slurm_get_their_own_resources(tmp_path, slurm, capsys):
     err = capsys.readouterr().err
     assert "executor.stages.evaluate: the request does not fit partition" in err and "Traceback" not in err
     assert not (tmp_path / "bad" / "study" / "jobs.json").exists()
+
+
+def test_case_ids_shared_by_two_datasets_are_refused_and_prefixes_keep_them_apart(tmp_path, capsys):
+    """The store is keyed by case id: two phantom datasets both naming cases phantom_000... would overwrite
+    each other's cases, so the study is refused before anything runs; distinct prefixes fix it."""
+    import yaml
+
+    from sepnet.jobs.preprocess import study_cases
+
+    base = {"name": "mix", "root": str(tmp_path / "study"),
+            "datasets": [{"path": str(tmp_path / "a"), "phantom": {"cases": 2, "size": "tiny"}},
+                         {"path": str(tmp_path / "b"), "format": "pddca", "phantom": {"cases": 2, "size": "tiny"}}],
+            "members": [{"name": "m"}], "folds": {"k": 2}}
+    cfg_file = tmp_path / "mix.yaml"
+    cfg_file.write_text(yaml.safe_dump(base))
+    assert main(["cv", str(cfg_file), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "case id 'phantom_000' is also a case of" in err[0] and str(tmp_path / "a") in err[0]
+    base["datasets"][1]["phantom"]["prefix"] = "pd"
+    cfg_file.write_text(yaml.safe_dump(base))
+    ids = [cid for _, cid in study_cases(load_config(cfg_file))]
+    assert ids == ["phantom_000", "phantom_001", "pd_000", "pd_001"]
