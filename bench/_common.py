@@ -122,7 +122,7 @@ def verdict(ok: bool | None) -> str:
 # --------------------------------------------------------------------------- synthetic data
 
 # (centre mm from the volume centre (x, y, z), semi-axes mm (x, y, z), HU) per organ id, roughly the
-# layout of method-notes section 9; _R organs mirror x. Ellipsoids only: enough for I/O and metric timing.
+# layout of the phantom (docs/conventions.md); _R organs mirror x. Ellipsoids only: enough for I/O and metric timing.
 _ORGANS = {
     1: ((0, 15, -10), (11, 11, 30), 29), 2: ((32, -65, 10), (13, 13, 13), 25), 4: ((32, -75, 10), (5, 2.5, 5), 60),
     6: ((20, -35, 12), (12, 2.5, 3), 35), 8: ((0, -10, 20), (8, 5, 3), 35), 9: ((45, 0, 20), (25, 45, 22), 40),

@@ -129,7 +129,7 @@ def main() -> None:
             kinds.append("slurm")
         else:
             print("_slurm: skipped (sinfo does not answer; start one with "
-                  "`SLURM_CI_ACCOUNTING=1 bash /work/shared/slurm/start-slurm.sh`)._\n")
+                  "`SLURM_CI_ACCOUNTING=1 bash hpc/slurm-ci/start-slurm.sh`)._\n")
         lat: dict[str, list[float]] = {k: [] for k in kinds}
         for r in range(reps):  # alternate kinds
             for k in kinds[r % len(kinds):] + kinds[: r % len(kinds)]:

@@ -1,4 +1,4 @@
-"""Class-wise rank-weighted ensemble fusion and ensemble uncertainty (paper Sec. 3.4, method-notes §6).
+"""Class-wise rank-weighted ensemble fusion and ensemble uncertainty (paper Sec. 3.4, docs/conventions.md).
 
 - :func:`rank_weights` turns the members' validation Dice per class into fusion weights (paper: the
   i-th best member on class c gets 5, 4, 3, 1, 1, 1 for N = 6).
@@ -357,7 +357,7 @@ def vvc(volumes) -> np.ndarray:
 
     The paper's Eq. (12) writes ``mu / sigma``; that is an erratum: its own reading ("a high VVC
     indicates inaccurate segmentation", Fig. 13) and the name "variation coefficient" need
-    ``sigma / mu`` (method-notes §6).
+    ``sigma / mu`` (docs/conventions.md).
     """
     v = np.asarray(volumes.detach().cpu().numpy() if isinstance(volumes, torch.Tensor) else volumes, np.float64)
     if v.ndim != 2:

@@ -1,4 +1,4 @@
-"""Whole-volume inference by sliding windows (method-notes §6).
+"""Whole-volume inference by sliding windows (docs/conventions.md).
 
 :func:`sliding_window` is the nnU-Net/MONAI scheme: patch-sized windows overlapping by ``overlap``, the
 softmax of each window weighted by a Gaussian importance map (sigma = patch / 8) and the weighted sum

@@ -1,4 +1,4 @@
-"""Intensity transforms: piecewise-linear maps from CT HU to [0, 1] (paper Sec. 3.1, method-notes §2).
+"""Intensity transforms: piecewise-linear maps from CT HU to [0, 1] (paper Sec. 3.1, docs/conventions.md).
 
 The paper's Eq. (1) has a typo (it adds h_i); the segment used here is the corrected one, as in the
 reference code::

@@ -1,4 +1,4 @@
-"""Segmentation losses on logits (paper Sec. 3.3, method-notes §4).
+"""Segmentation losses on logits (paper Sec. 3.3, docs/conventions.md).
 
 All losses take ``logits`` (B, C, Z, Y, X) of any float dtype and ``target`` (B, Z, Y, X) int64 class ids
 in [0, C) and return a float32 scalar. They always compute in float32 with autocast disabled (safe under

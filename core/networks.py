@@ -1,4 +1,4 @@
-"""3D-SepNet and the 3D U-Net baselines (paper Sec. 3.2, method-notes §3).
+"""3D-SepNet and the 3D U-Net baselines (paper Sec. 3.2, docs/conventions.md).
 
 All networks take ``x`` of shape (B, in_channels, Z, Y, X) float32 with Z, Y, X divisible by 8 (three
 MaxPool3d(2) levels halve z too) and return logits (B, num_classes, Z, Y, X).
@@ -12,7 +12,7 @@ Topologies (b = ``base``; IN = non-affine InstanceNorm3d; all convs have bias):
   8b->4b->2b | 4b->2b->2b | 4b->2b->2b;
   head Dropout3d(0.1) -> 1x1x1 conv. b=24, 1 -> 23 classes: **2,505,527** parameters.
 * ``sepnet_se``: ``sepnet`` with squeeze-excitation (GAP -> FC C->C/2 -> ReLU -> FC C/2->C -> sigmoid,
-  FCs without bias) on the output of every block: **2,586,167** (the count in method-notes §3; SE FCs
+  FCs without bias) on the output of every block: **2,586,167** (the count in docs/conventions.md; SE FCs
   with bias would give 2,587,391, so the reference's "SepNet-SE" has bias-free FCs).
 * ``unet3d``: per level two [3x3x3 -> IN -> ReLU] units: 1->b->2b | 2b->2b->4b | 4b->4b->8b |
   bottleneck 8b->8b->16b, then one Dropout(0.5) (as the reference U-Net); decoder (upsample, concat skip)

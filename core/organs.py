@@ -1,4 +1,4 @@
-"""StructSeg 2019 Task 1 organ table (method-notes section 1).
+"""StructSeg 2019 Task 1 organ table (docs/conventions.md).
 
 Label id 0 is background; label maps are uint8. ``_L`` is the patient's left = +x in LPS.
 """

@@ -1,4 +1,4 @@
-"""Per-organ segmentation metrics in physical units (method-notes §7).
+"""Per-organ segmentation metrics in physical units (docs/conventions.md).
 
 Dice, Hausdorff distance at a percentile (HD95) and average symmetric surface distance (ASSD), both in
 **mm** using the voxel spacing, and organ volumes in cm3.

@@ -21,7 +21,7 @@ from sepnet.core.ensemble import (
 )
 from sepnet.core.errors import ConfigError
 
-# The paper's six observed levels (Sec. 4.1.3) and method-notes' list, rounded to 4 decimals.
+# The paper's six observed levels (Sec. 4.1.3) and the list in docs/conventions.md, rounded to 4 decimals.
 SIX_VOTER_LEVELS = [0.0, 0.4506, 0.6365, 0.6931, 0.8676, 1.0114, 1.0986, 1.2425]
 
 

@@ -14,7 +14,7 @@ from sepnet.core.networks import (
     to_plain_conv3d,
 )
 
-# method-notes §3 (b = 24, 1 input channel, 23 classes); unet3d_se is this toolkit's own count
+# docs/conventions.md (b = 24, 1 input channel, 23 classes); unet3d_se is this toolkit's own count
 EXPECTED = {
     "sepnet": 2_505_527,
     "sepnet_se": 2_586_167,
