@@ -304,9 +304,9 @@ def data_wait(env, *, quick: bool, iters: int):
     it = iter(loader)
     for _ in range(iters):
         t0 = time.perf_counter()
-        image, label = next(it)
+        image, label, annotated = next(it)
         t1 = time.perf_counter()
-        loss = loss_fn(model(image), label)
+        loss = loss_fn(model(image), label, annotated=annotated)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

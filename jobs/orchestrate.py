@@ -73,7 +73,10 @@ class StudyRun:
         self.cfg = cfg
         self.layout = Layout(Path(cfg.root))
         self.planned = {j.name: j for j in planned}
-        executors = {kind: self._executor(kind) for kind in sorted({j.kind for j in planned if not j.done})}
+        # training's request (the top level the user wrote) is checked first, so a request that fits no node
+        # is reported in the user's numbers, not in a derived stage's
+        kinds = sorted({j.kind for j in planned if not j.done}, key=lambda k: (k != "train", k))
+        executors = {kind: self._executor(kind) for kind in kinds}
         self.graph = [GraphJob(j.name, tasks[j.name], executors[j.kind], after=[a for a in j.after
                                                                              if not self.planned[a].done])
                       for j in planned if not j.done]
@@ -85,7 +88,8 @@ class StudyRun:
         from sepnet.hpc.executors import make_executor
         from sepnet.jobs.config import stage_executor
 
-        where = f"executor.stages.{stage}" if stage in self.cfg.executor.stages else "executor"
+        where = f"executor.stages.{stage}" if stage in self.cfg.executor.stages else \
+            ("executor" if stage == "train" else f"executor (as the {stage} stage's defaults)")
         return make_executor(stage_executor(self.cfg.executor, stage), folder=self.layout.logs,
                              name=f"{_safe(self.cfg.name)}-{stage}", where=where)
 
