@@ -338,17 +338,34 @@ def _outcome(job: Any) -> tuple[str, Any, str | None]:
         state = (str(getattr(job, "state", "FAILED") or "FAILED").upper().split() or ["FAILED"])[0]
         if state not in _FAILED_STATES:
             state = "FAILED"
-        return state, None, _error_line(str(exc)) or type(exc).__name__
+        return state, None, task_error(job, str(exc)) or type(exc).__name__
 
 
-def _error_line(text: str) -> str:
+def task_error(job: Any, text: str) -> str:
+    """The error line of a failed job: from submitit's message, else from the stderr of any of its tasks
+    (with ``--kill-on-bad-exit`` the task submitit reads first may be one that was killed, not the one that
+    raised)."""
+    line = _error_line(text, exception_only=True)
+    if line:
+        return line
+    for t in range(int(getattr(job, "num_tasks", 1) or 1)):
+        try:
+            line = _error_line(job.task(t).stderr() or "", exception_only=True)
+        except Exception:  # noqa: BLE001 - a task without a log: look at the next one
+            continue
+        if line:
+            return line
+    return _error_line(text)
+
+
+def _error_line(text: str, *, exception_only: bool = False) -> str:
     """The line naming the exception in a submitit error (``ValueError: ...``), else the first line;
     the log paths follow it."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     errs = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", ln)]
     if errs:
         return errs[-1]
-    return lines[0] if lines else ""
+    return "" if exception_only or not lines else lines[0]
 
 
 def wait(jobs: Sequence[Any], *, poll_s: float = 5.0, progress: Callable[[str], None] | None = None) -> WaitReport:

@@ -83,10 +83,12 @@ def job_error(job: Any) -> str | None:
     if isinstance(job, submitit.DebugJob):
         exc = job.exception()
         return None if exc is None else last_line(RuntimeError(f"{type(exc).__name__}: {exc}"))
+    from sepnet.hpc.executors import task_error
+
     try:
         job.results()
     except Exception as e:  # noqa: BLE001 - any job failure is reported, not raised
-        return last_line(e)
+        return task_error(job, str(e)) or type(e).__name__
     return None
 
 
