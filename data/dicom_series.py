@@ -258,6 +258,19 @@ def make_uid(*parts: object) -> str:
     return generate_uid(entropy_srcs=[str(p) for p in parts])
 
 
+def new_instance(sop_class: str, sop_uid: str) -> Dataset:
+    """An empty Part-10 dataset of ``sop_class`` with its file meta (explicit VR little endian) and UIDs."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    return ds
+
+
 def save_dataset(ds: Dataset, path: Path) -> None:
     """Save a DICOM Part-10 file atomically (temp file beside ``path``, then rename)."""
     atomic_write_path(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
@@ -279,14 +292,7 @@ def write_ct_series(image: np.ndarray, geometry: Geometry, out_dir: Path, *, cas
     files, sops = [], []
     for k in range(nz):
         sop = make_uid(case_id, "ct", k)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop
+        ds = new_instance(CTImageStorage, sop)
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.Modality = "CT"
         ds.PatientID = case_id[:64]

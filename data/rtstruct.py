@@ -20,13 +20,13 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTStructureSetStorage
+from pydicom.uid import CTImageStorage, RTStructureSetStorage
 
 from sepnet.core.errors import DataError
 from sepnet.data.case import Geometry
-from sepnet.data.dicom_series import CtSeries, make_uid, save_dataset
+from sepnet.data.dicom_series import CtSeries, make_uid, new_instance, save_dataset
 from sepnet.data.organ_maps import MANDIBLE, match_roi_name
 
 log = logging.getLogger(__name__)
@@ -167,14 +167,7 @@ def write_rtstruct_for_series(
         np.ascontiguousarray(label, dtype=np.uint8).tobytes() + repr(sorted(organ_names.items())).encode()
     )
     sop = make_uid(ct.series_uid, "rtstruct", label_name, digest.hexdigest())
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RTStructureSetStorage
-    meta.MediaStorageSOPInstanceUID = sop
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = RTStructureSetStorage
-    ds.SOPInstanceUID = sop
+    ds = new_instance(RTStructureSetStorage, sop)
     ds.Modality = "RTSTRUCT"
     ds.StudyInstanceUID = ct.study_uid
     ds.SeriesInstanceUID = make_uid(ct.series_uid, "rtstruct-series", label_name, digest.hexdigest())

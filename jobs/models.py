@@ -11,7 +11,6 @@ their vote entropy. Its labels are class indices; :func:`to_organ_ids`, :func:`s
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from sepnet.core.networks import build
 from sepnet.core.organs import NUM_CLASSES, OrganSubset
 from sepnet.hpc import checkpoint as checkpoint_io
 from sepnet.jobs.config import EnsembleConfig, InferenceConfig
-from sepnet.jobs.spec import ModelSpec
+from sepnet.jobs.spec import ModelSpec, read_model_json
 
 CHECKPOINT = "best.pt"
 DONE = "done.json"
@@ -96,14 +95,9 @@ def load_trained(model_dir: str | Path, *, checkpoint: str = CHECKPOINT) -> Trai
     model_dir = Path(model_dir)
     spec = ModelSpec.read(model_dir)
     ckpt_file, done_file = model_dir / checkpoint, model_dir / DONE
-    if not done_file.is_file():
-        raise DataError(f"{done_file}: missing (is the model trained?)")
+    done = read_model_json(done_file)
     if not ckpt_file.is_file():
         raise DataError(f"{ckpt_file}: missing (is the model trained?)")
-    try:
-        done = json.loads(done_file.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{done_file}: unreadable ({str(e).splitlines()[0]})") from None
     ckpt = checkpoint_io.load(ckpt_file)  # weights only: a checkpoint cannot run code
     net = build(spec.network, in_channels=spec.in_channels, num_classes=spec.num_classes, base=spec.base,
                 separable_axis=spec.separable_axis)

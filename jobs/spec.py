@@ -104,13 +104,7 @@ class ModelSpec:
     @classmethod
     def read(cls, model_dir: str | Path) -> ModelSpec:
         path = Path(model_dir) / SPEC_FILE
-        if not path.is_file():
-            raise DataError(f"{path}: missing (is the model trained?)")
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: unreadable model spec ({e})") from None
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_model_json(path), source=str(path))
 
 
 @dataclass
@@ -231,3 +225,15 @@ def train_spec(cfg: StudyConfig, *, model: str, fold: int, folds: list[dict] | N
         val_patch=list(cfg.inference_patch), val_overlap=cfg.inference.overlap, threads=cfg.executor.cpus_per_task,
         organs=cfg.organs,
     )
+
+
+def read_model_json(path: str | Path) -> Any:
+    """A JSON file of a trained model's folder (spec.json, done.json); DataError naming it when it is
+    missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: missing (is the model trained?)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
