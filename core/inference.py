@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -28,14 +29,22 @@ AXES = {"z": 0, "y": 1, "x": 2}
 STRUCTSEG_LR_PAIRS: tuple[tuple[int, int], ...] = STRUCTSEG22.lr_pairs
 
 
-def autocast_dtype(device: str | torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``device``: bfloat16 on a CUDA device that supports it natively (compute
-    capability >= 8.0), else float16 on CUDA, None (no autocast, float32) on any other device."""
+def autocast_dtype(device: str | torch.device, *, cuda: bool = True, cpu_bf16: bool = False) -> torch.dtype | None:
+    """The autocast dtype for ``device``: on CUDA (when ``cuda``) bfloat16 where the device supports it
+    natively (compute capability >= 8.0), else float16; on the CPU bfloat16 when ``cpu_bf16`` (fast only on
+    CPUs with bf16 instructions, e.g. avx512_bf16 or AMX); None (no autocast, float32) otherwise."""
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_bf16 else None
+    if device.type != "cuda" or not cuda or not torch.cuda.is_available():
         return None
     major, _ = torch.cuda.get_device_capability(device)
     return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def autocast(device: str | torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` on ``device``'s type with ``dtype``; a no-op context when ``dtype`` is None."""
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def gaussian_importance(patch: Sequence[int], *, sigma_scale: float = 0.125) -> np.ndarray:

@@ -69,13 +69,22 @@ class AxisConv3d(nn.Conv3d):
         self.channels_last = False  # set by networks that run in channels_last_3d (fast path only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fast:
+        if not self.fast and not self._bf16_cpu_short_axis(x):
             return super().forward(x)
         out = self._fast_forward(x)
         if self.channels_last:
             # no-op when already channels-last; needed after a 1-channel input, whose layout is ambiguous
             out = out.contiguous(memory_format=torch.channels_last_3d)
         return out
+
+    def _bf16_cpu_short_axis(self, x: torch.Tensor) -> bool:
+        """True under CPU bf16 autocast for a 1-D kernel along an axis shorter than the kernel (a SepNet
+        bottleneck at z = 2): oneDNN's bf16 conv3d weight gradient is NaN there (torch 2.13), the conv2d
+        view is not, so those convs take the view."""
+        if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+            return False
+        k = tuple(self.kernel_size)
+        return sum(v > 1 for v in k) == 1 and any(v > 1 and n < v for v, n in zip(k, x.shape[2:]))
 
     def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         k = tuple(self.kernel_size)
@@ -90,7 +99,7 @@ class AxisConv3d(nn.Conv3d):
             out = F.conv2d(x.reshape(b, c, z, y * xx), w.reshape(cout, c, 1, 1), self.bias)
             return out.reshape(b, cout, z, y, xx)
         if len(big) == 1:
-            if x.is_contiguous(memory_format=torch.channels_last_3d):
+            if x.is_contiguous(memory_format=torch.channels_last_3d) and not self._bf16_cpu_short_axis(x):
                 # oneDNN's channels-last conv3d handles 3x1x1 faster than the (3, 1) conv2d view (measured)
                 return super().forward(x)
             d = big[0] + 2  # tensor dim of the 1-D kernel

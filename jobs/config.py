@@ -93,8 +93,10 @@ class TrainingConfig:
     lr_step_epochs: int = 10
     foreground_fraction: float = 0.5
     val_every: int = 500  # iterations
+    val_slabs: int | None = None  # None: validate whole volumes; N: N evenly spaced z-slabs of patch[0] slices
     checkpoint_every: int = 100  # iterations
-    amp: bool = True  # used on CUDA only
+    amp: bool = True  # CUDA mixed precision (bf16 on sm80+, else fp16 with a grad scaler)
+    cpu_bf16: bool = False  # bf16 autocast on the CPU (training and its validation)
     grad_accum: int = 1
     num_workers: int = 2
     seed: int = 0
@@ -109,6 +111,7 @@ class InferenceConfig:
     overlap: float = 0.5
     tta: bool | list[str] = False  # false; true = left-right (x) mirror only; or the axes to mirror, e.g. [x]
     batch_size: int = 2
+    cpu_bf16: bool = False  # bf16 autocast on the CPU
 
     @property
     def tta_axes(self) -> tuple[str, ...]:
@@ -136,6 +139,7 @@ class EvaluationConfig:
 class MlflowConfig:
     tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI or sqlite:///<study>/mlflow.db
     experiment: str | None = None  # None = study name
+    register: str | None = None  # a Model Registry name: the evaluated ensemble is registered under it
 
 
 @dataclass

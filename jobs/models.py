@@ -12,7 +12,6 @@ their vote entropy. Its labels are class indices; :func:`to_organ_ids`, :func:`s
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 
 from sepnet.core.ensemble import FusionAccumulator, fusion_weights, hard_labels, vote_entropy
 from sepnet.core.errors import DataError
-from sepnet.core.inference import autocast_dtype, sliding_window
+from sepnet.core.inference import autocast, autocast_dtype, sliding_window
 from sepnet.core.networks import build
 from sepnet.core.organs import NUM_CLASSES, OrganSubset
 from sepnet.hpc import checkpoint as checkpoint_io
@@ -58,15 +57,16 @@ class TrainedModel:
             out[i] = np.nan if v is None else float(v)
         return out
 
-    def predictor(self, device: torch.device):
-        """``batch (B, C, z, y, x) -> float32 logits``, in eval mode, autocast as ``autocast_dtype(device)``."""
+    def predictor(self, device: torch.device, *, cpu_bf16: bool = False):
+        """``batch (B, C, z, y, x) -> float32 logits``, in eval mode, autocast as
+        ``autocast_dtype(device, cpu_bf16=cpu_bf16)``."""
         device = torch.device(device)
         net = self.network.to(device).eval()
-        amp = autocast_dtype(device)
+        amp = autocast_dtype(device, cpu_bf16=cpu_bf16)
 
         @torch.no_grad()
         def predict(batch: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
+            with autocast(device, amp):
                 return net(batch.to(device)).float()
 
         return predict
@@ -77,7 +77,8 @@ class TrainedModel:
         Window: ``inference.patch``, else the model's training patch; overlap, TTA, batch size from ``inference``.
         """
         patch = tuple(inference.patch) if inference.patch else self.spec.patch
-        return sliding_window(image, self.predictor(device), num_classes=self.spec.num_classes, patch=patch,
+        predictor = self.predictor(device, cpu_bf16=inference.cpu_bf16)
+        return sliding_window(image, predictor, num_classes=self.spec.num_classes, patch=patch,
                               overlap=float(inference.overlap), batch_size=int(inference.batch_size),
                               tta=inference.tta_axes or False, lr_pairs=self.spec.subset.lr_pairs, device=device)
 

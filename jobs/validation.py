@@ -12,13 +12,12 @@ space (``OrganSubset.to_subset``).
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 
-from sepnet.core.inference import sliding_window
+from sepnet.core.inference import autocast, sliding_window
 from sepnet.core.organs import STRUCTSEG22, OrganSubset
 
 
@@ -81,8 +80,7 @@ def predict_volume(model: torch.nn.Module, volume: torch.Tensor, *, num_classes:
                    overlap: float, device: str, amp_dtype: torch.dtype | None) -> np.ndarray:
     """Label map uint8 (Z, Y, X) of a whole volume (C, Z, Y, X) float32, by sliding windows of ``patch``."""
     def predictor(x: torch.Tensor) -> torch.Tensor:
-        ctx = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-        with ctx:
+        with autocast(device, amp_dtype):
             return model(x.to(device)).float()
 
     with torch.no_grad():
@@ -91,15 +89,28 @@ def predict_volume(model: torch.nn.Module, volume: torch.Tensor, *, num_classes:
     return probs.argmax(0).cpu().numpy().astype(np.uint8)
 
 
+def slab_starts(depth: int, *, slabs: int, thickness: int) -> list[int]:
+    """First slices of ``slabs`` evenly spaced z-slabs of ``thickness`` slices in a volume of ``depth``
+    (sorted, distinct, each slab inside the volume); all of it (``[0]``) when the slabs would cover it."""
+    if slabs < 1 or thickness < 1:
+        raise ValueError(f"slabs and thickness must be >= 1, got {slabs}, {thickness}")
+    if slabs * thickness >= depth:
+        return [0]
+    return sorted({int(round(v)) for v in np.linspace(0, depth - thickness, slabs + 2)[1:-1]})
+
+
 def validate(model: torch.nn.Module, store: Any, case_ids: list[str], *, channels: list[str], num_classes: int,
              patch: list[int], overlap: float = 0.5, device: str = "cpu",
-             amp_dtype: torch.dtype | None = None, subset: OrganSubset = STRUCTSEG22) -> np.ndarray:
-    """Per-class Dice (K,) of whole validation volumes, pooled (voxel counts summed) per class over the
+             amp_dtype: torch.dtype | None = None, subset: OrganSubset = STRUCTSEG22,
+             slabs: int | None = None) -> np.ndarray:
+    """Per-class Dice (K,) of the validation volumes, pooled (voxel counts summed) per class over the
     cases that annotate it (:func:`pooled_dice`; NaN where none does).
 
     store: a ``sepnet.data.store.Store``; channels: the input channels read for each case; subset: the
-    study's classes (K = ``subset.num_classes`` = ``num_classes``). The model is put in eval mode and
-    restored to its previous mode afterwards.
+    study's classes (K = ``subset.num_classes`` = ``num_classes``). slabs: None = whole volumes; N = only
+    N evenly spaced z-slabs of ``patch[0]`` slices per case (:func:`slab_starts`), each predicted on its own,
+    which costs about N * patch[0] / depth of a whole volume. The model is put in eval mode and restored
+    to its previous mode afterwards.
     """
     if subset.num_classes != num_classes:
         raise ValueError(f"subset {subset.name} has {subset.num_classes} classes, the model {num_classes}")
@@ -109,9 +120,16 @@ def validate(model: torch.nn.Module, store: Any, case_ids: list[str], *, channel
     try:
         for cid in case_ids:
             image = torch.from_numpy(store.read_image(cid, channels))
-            pred = predict_volume(model, image, num_classes=num_classes, patch=patch, overlap=overlap,
-                                  device=device, amp_dtype=amp_dtype)
-            confs.append(confusion(pred, subset.to_subset(store.read_label(cid)), num_classes=num_classes))
+            ref = subset.to_subset(store.read_label(cid))
+            depth = int(image.shape[1])
+            starts = [0] if slabs is None else slab_starts(depth, slabs=int(slabs), thickness=int(patch[0]))
+            thick = depth if starts == [0] else int(patch[0])
+            conf = np.zeros((num_classes, num_classes), dtype=np.int64)
+            for z0 in starts:
+                pred = predict_volume(model, image[:, z0:z0 + thick], num_classes=num_classes, patch=patch,
+                                      overlap=overlap, device=device, amp_dtype=amp_dtype)
+                conf += confusion(pred, ref[z0:z0 + thick], num_classes=num_classes)
+            confs.append(conf)
             annotated.append(subset.annotated_classes(store.meta(cid).annotated))
     finally:
         model.train(was_training)

@@ -30,6 +30,7 @@ SCRIPTS = {
     "bench_inference.py": "| scheme | s per volume (median) |",
     "bench_scaling.py": "| processes (gloo, CPU) | patches/s (median) |",
     "bench_orchestration.py": "| executor | submit-to-start s (median) |",
+    "bench_precision.py": "| network | step | fp32 s (median) |",
 }
 
 

@@ -1,0 +1,128 @@
+"""CPU bf16 autocast against float32: a training step and a sliding-window inference, SepNet and 3D-UNet.
+
+Per network: forward + loss + backward + Adam step time in float32 and under ``torch.autocast("cpu",
+bfloat16)`` (the path of ``training.cpu_bf16``), and whole-volume Gaussian sliding-window inference time in
+both (``inference.cpu_bf16``), with the largest probability difference and the fraction of voxels whose
+argmax label changes between the two, and the cosine similarity of one step's gradient (all parameters, and
+the first convolution's) with the float64 gradient (random weights: numeric fidelity, not accuracy).
+Median of alternating repetitions after one warm-up round. Only CPUs with bf16 instructions (avx512_bf16,
+AMX) are expected to gain; the header prints whether this one has them.
+
+Run: ``.venv/bin/python bench/bench_precision.py [--quick] [--base 8] [--patch 16,64,64] [--volume 60,128,128]``.
+"""
+
+from __future__ import annotations
+
+from _common import alternate, header, median, parser, set_threads, table, verdict
+
+
+def _cpu_bf16_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((ln for ln in f if ln.startswith("flags")), "").split())
+    except OSError:
+        return "unknown"
+    have = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return ", ".join(have) or "none"
+
+
+def _grad_cosines(name: str, *, base: int, x, y, loss_fn) -> dict[str, tuple[float, float]]:
+    """precision -> (cosine of all gradients, cosine of the first conv's) with the float64 step's."""
+    import torch
+
+    from sepnet.core.inference import autocast
+    from sepnet.core.networks import build
+
+    grads = {}
+    for prec, dtype in (("fp64", None), ("fp32", None), ("bf16", torch.bfloat16)):
+        net = build(name, in_channels=1, num_classes=23, base=base, seed=0).eval()  # eval: no dropout
+        xx = x.double() if prec == "fp64" else x
+        if prec == "fp64":
+            net = net.double()
+        with autocast("cpu", dtype):
+            out = net(xx)
+        loss_fn(out if prec == "fp64" else out.float(), y).backward()
+        params = [p.grad.flatten().double() for p in net.parameters()]
+        grads[prec] = (torch.cat(params), params[0])
+
+    def cos(a, b):
+        return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+    return {p: (cos(grads["fp64"][0], grads[p][0]), cos(grads["fp64"][1], grads[p][1])) for p in ("fp32", "bf16")}
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--models", default="sepnet,unet3d")
+    p.add_argument("--base", type=int, default=8)
+    p.add_argument("--patch", default="16,64,64", help="training and inference window z,y,x")
+    p.add_argument("--volume", default="60,128,128", help="inference volume z,y,x")
+    p.add_argument("--batch", type=int, default=2)
+    args = p.parse_args()
+    set_threads(args)
+    import torch
+
+    from sepnet.core.inference import autocast, sliding_window
+    from sepnet.core.losses import build_loss
+    from sepnet.core.networks import build
+
+    header("CPU bf16 autocast vs float32", args)
+    patch = (16, 16, 16) if args.quick else tuple(int(v) for v in args.patch.split(","))
+    volume = (20, 32, 32) if args.quick else tuple(int(v) for v in args.volume.split(","))
+    base = 4 if args.quick else args.base
+    reps = args.reps or (2 if args.quick else 3)
+    print(f"CPU bf16 instructions: {_cpu_bf16_flags()}. Training: batch {args.batch} x {patch}, base {base}, 23 "
+          f"classes, ATH-L_Exp, Adam. Inference: volume {volume}, window {patch}, overlap 0.5, batch 2. "
+          f"{reps} repetitions.\n")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((args.batch, 1) + patch, generator=g)
+    y = torch.randint(0, 23, (args.batch,) + patch, generator=g)
+    vol = torch.rand((1,) + volume, generator=g)
+    loss_fn = build_loss("ath_exp_log", alpha=0.5)
+    items, nets = {}, {}
+    for name in [m for m in args.models.split(",") if m]:
+        for prec, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            net = build(name, in_channels=1, num_classes=23, base=base, seed=0)
+            opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+
+            def step(net=net, opt=opt, dtype=dtype):
+                with autocast("cpu", dtype):
+                    out = net(x)
+                loss_fn(out.float(), y).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            items[f"{name} train {prec}"] = step
+        net = build(name, in_channels=1, num_classes=23, base=base, seed=0).eval()
+        nets[name] = net
+        for prec, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            def infer(net=net, dtype=dtype):
+                def pred(b):
+                    with torch.no_grad(), autocast("cpu", dtype):
+                        return net(b).float()
+                return sliding_window(vol, pred, num_classes=23, patch=patch, overlap=0.5, batch_size=2)
+
+            items[f"{name} infer {prec}"] = infer
+    times = alternate(items, reps=reps, warmup=1)
+    rows, targets = [], []
+    for name in nets:
+        cosines = _grad_cosines(name, base=base, x=x, y=y, loss_fn=loss_fn)
+        for what in ("train", "infer"):
+            t32, t16 = median(times[f"{name} {what} fp32"]), median(times[f"{name} {what} bf16"])
+            (a32, f32), (a16, f16) = cosines["fp32"], cosines["bf16"]
+            drift = (f"gradient cosine vs fp64: fp32 {a32:.3f} (first conv {f32:.3f}), "
+                     f"bf16 {a16:.3f} (first conv {f16:.3f})")
+            if what == "train":
+                targets.append([f"{name}: bf16 gradient cosine vs fp64 >= 0.9", f"{a16:.3f}", verdict(a16 >= 0.9)])
+            if what == "infer":
+                p32, p16 = items[f"{name} infer fp32"](), items[f"{name} infer bf16"]()
+                changed = float((p32.argmax(0) != p16.argmax(0)).float().mean())
+                drift = f"max |dp| {float((p32 - p16).abs().max()):.3f}, labels changed {100 * changed:.2f}%"
+            rows.append([name, what, t32, t16, t32 / t16, drift])
+            targets.append([f"{name} {what}: bf16 faster than fp32", f"{t32 / t16:.2f}x", verdict(t32 / t16 > 1.0)])
+    table(["network", "step", "fp32 s (median)", "bf16 s (median)", "speed-up fp32/bf16", "numeric drift"], rows)
+    table(["target", "measured", "verdict"], targets)
+
+
+if __name__ == "__main__":
+    main()
