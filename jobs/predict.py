@@ -1,7 +1,9 @@
 """``sepnet predict``: segment new CT scans with a trained study's ensemble, with uncertainty.
 
 ``sepnet predict -i INPUT -o OUTDIR --study STUDY`` where STUDY is a study folder trained by
-``sepnet cv``. For each input (NIfTI, NRRD, MHA, a DICOM CT series folder, or a StructSeg case folder;
+``sepnet cv``; ``--bundle BUNDLE`` (a folder written by ``sepnet export``, checked against its manifest
+first) or ``--model models:/NAME/VERSION`` (a registered bundle) instead give the same labels without
+the study or its store. For each input (NIfTI, NRRD, MHA, a DICOM CT series folder, or a StructSeg case folder;
 a folder of several such inputs is batch mode) it writes into ``OUTDIR/<case>/``:
 
 - ``labels.nii.gz``: the ensemble's organ labels (uint8 StructSeg ids) in the input's original
@@ -34,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,9 +61,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--input", required=True,
                    help="a CT image (NIfTI/NRRD/MHA), a DICOM series folder, or a folder of several inputs")
     p.add_argument("-o", "--output", required=True, help="output folder (one subfolder per case)")
-    p.add_argument("--study", required=True,
-                   help="a study folder trained by `sepnet cv` (holds study.yaml, store/, models/)")
-    p.add_argument("--fold", default="all", help="'all' (default: every fold's ensemble, averaged) or a fold index")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--study", help="a study folder trained by `sepnet cv` (holds study.yaml, store/, models/)")
+    src.add_argument("--bundle", help="a bundle folder written by `sepnet export` (needs neither study nor store)")
+    src.add_argument("--model", help="a registered bundle: models:/NAME/VERSION or models:/NAME@ALIAS")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI the --model registry lives on (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--fold", default="all",
+                   help="'all' (default: every fold's ensemble of the study or bundle, averaged) or a fold index")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="flip test-time augmentation on/off (default: the study's inference.tta)")
     p.add_argument("--overlap", type=float, default=None,
@@ -138,27 +146,59 @@ class StudyEnsemble:
     postprocess_folds: dict = dataclasses.field(default_factory=dict)  # fold -> its chosen organs, None = no file
 
 
-def _chosen_folds(found: dict[int, list[Path]], member_names: list[str], fold: str, root: Path) -> list[int]:
-    complete = [f for f, dirs in sorted(found.items()) if set(member_names) <= {d.name for d in dirs}]
+def _chosen_folds(found: dict[int, list[str]], member_names: list[str], fold: str, where: Path) -> list[int]:
+    complete = [f for f, names in sorted(found.items()) if set(member_names) <= set(names)]
     if fold == "all":
         if not complete:
-            raise DataError(f"{root}: no fold has all ensemble members ({', '.join(member_names)}) trained")
+            raise DataError(f"{where}: no fold has all ensemble members ({', '.join(member_names)}) trained")
         return complete
     if not fold.isdigit() or int(fold) not in complete:
         raise DataError(f"--fold {fold}: folds with a trained ensemble are {', '.join(map(str, complete)) or 'none'}")
     return [int(fold)]
 
 
+def assemble_ensemble(cfg, *, where: Path, found: dict[int, list[str]], model_dir: Callable[[int, str], Path],
+                      decision_of: Callable[[int], PostprocessDecision | None], plan: Plan, fingerprint: dict,
+                      fold: str = "all", overlap: float | None = None, tta: bool | None = None) -> StudyEnsemble:
+    """THE construction of a :class:`StudyEnsemble`, shared by a study folder and a bundle.
+
+    cfg: the resolved ``StudyConfig`` (members, ensemble weighting, inference); where: the folder named in
+    errors; found: fold -> names of its trained models; model_dir(fold, name): the folder
+    ``load_trained`` reads; decision_of(fold): that fold's postprocessing decision (None = none).
+    Folds: every fold with all members (``fold="all"``) or the one given; weights: each fold's
+    ``ensemble_weights`` pooled by ``pool_weights``; postprocessing: ``combine_postprocessing``;
+    inference: ``study_inference(cfg)`` with the ``overlap``/``tta`` overrides (ConfigError when bad).
+    """
+    from sepnet.core.ensemble import pool_weights
+    from sepnet.core.errors import ConfigError
+    from sepnet.jobs.evaluate import study_inference
+    from sepnet.jobs.models import ensemble_weights, load_trained
+
+    names = [m.name for m in cfg.members]
+    folds = _chosen_folds(found, names, str(fold), where)
+    inference = study_inference(cfg)
+    if overlap is not None:
+        if not 0 < overlap < 1:
+            raise ConfigError(f"--overlap: must be in (0, 1), got {overlap}")
+        inference = dataclasses.replace(inference, overlap=float(overlap))
+    if tta is not None:
+        inference = dataclasses.replace(inference, tta=bool(tta))
+    per_fold = [[load_trained(model_dir(f, n)) for n in names] for f in folds]
+    decisions = {f: decision_of(f) for f in folds}
+    return StudyEnsemble(members=[m for ms in per_fold for m in ms],
+                         weights=pool_weights([ensemble_weights(ms, cfg.ensemble) for ms in per_fold]),
+                         folds=folds, inference=inference, plan=plan, fingerprint=fingerprint,
+                         postprocess=combine_postprocessing(list(decisions.values())),
+                         postprocess_folds={f: None if d is None else list(d.organs) for f, d in decisions.items()})
+
+
 def load_study(root: str | Path, *, fold: str = "all", overlap: float | None = None,
                tta: bool | None = None) -> StudyEnsemble:
     """The ensemble of a trained study folder. DataError naming the file for a missing piece (models,
     resolved config, plan.json) or a plan this sepnet cannot reproduce; ConfigError for a bad override."""
-    from sepnet.core.ensemble import pool_weights
-    from sepnet.core.errors import ConfigError
     from sepnet.data.store import Store
     from sepnet.jobs.config import load_config
-    from sepnet.jobs.evaluate import study_inference
-    from sepnet.jobs.models import ensemble_weights, find_models, load_trained
+    from sepnet.jobs.models import find_models
     from sepnet.jobs.study import Layout
 
     root = Path(root)
@@ -169,23 +209,11 @@ def load_study(root: str | Path, *, fold: str = "all", overlap: float | None = N
     if not layout.resolved_config.is_file():
         raise DataError(f"{layout.resolved_config}: the study's resolved config is missing (written by `sepnet cv`)")
     cfg = load_config(layout.resolved_config)
-    names = [m.name for m in cfg.members]
-    folds = _chosen_folds(found, names, str(fold), root)
-    per_fold = [[load_trained(layout.model_dir(f, n)) for n in names] for f in folds]
-    inference = study_inference(cfg)
-    if overlap is not None:
-        if not 0 < overlap < 1:
-            raise ConfigError(f"--overlap: must be in (0, 1), got {overlap}")
-        inference = dataclasses.replace(inference, overlap=float(overlap))
-    if tta is not None:
-        inference = dataclasses.replace(inference, tta=bool(tta))
     store = Store(layout.store)
-    decisions = {f: read_postprocessing(layout.eval_dir(f) / POSTPROCESS_FILE) for f in folds}
-    return StudyEnsemble(members=[m for ms in per_fold for m in ms],
-                         weights=pool_weights([ensemble_weights(ms, cfg.ensemble) for ms in per_fold]),
-                         folds=folds, inference=inference, plan=store.plan(), fingerprint=store.fingerprint(),
-                         postprocess=combine_postprocessing(list(decisions.values())),
-                         postprocess_folds={f: None if d is None else list(d.organs) for f, d in decisions.items()})
+    return assemble_ensemble(cfg, where=root, found={f: [d.name for d in dirs] for f, dirs in found.items()},
+                             model_dir=layout.model_dir,
+                             decision_of=lambda f: read_postprocessing(layout.eval_dir(f) / POSTPROCESS_FILE),
+                             plan=store.plan(), fingerprint=store.fingerprint(), fold=fold, overlap=overlap, tta=tta)
 
 
 def read_postprocessing(path: Path) -> PostprocessDecision | None:
@@ -333,8 +361,23 @@ def organ_summary(labels_orig: np.ndarray, spacing_orig_zyx, member_labels: np.n
 
 # --------------------------------------------------------------------------- CLI
 
+def load_ensemble(args: argparse.Namespace) -> StudyEnsemble:
+    """The ensemble named by exactly one of ``--study``, ``--bundle`` or ``--model`` (a registry URI
+    resolved to a local bundle folder by ``sepnet.jobs.registry.resolve_model``)."""
+    opts = {"fold": str(args.fold), "overlap": args.overlap, "tta": args.tta}
+    if args.study is not None:
+        return load_study(args.study, **opts)
+    from sepnet.jobs.bundle import load_bundle
+
+    if args.bundle is not None:
+        return load_bundle(args.bundle, **opts)
+    from sepnet.jobs.registry import resolve_model
+
+    return load_bundle(resolve_model(args.model, tracking_uri=getattr(args, "tracking_uri", None)), **opts)
+
+
 def run(args: argparse.Namespace) -> int:
-    ens = load_study(args.study, fold=str(args.fold), overlap=args.overlap, tta=args.tta)
+    ens = load_ensemble(args)
     inputs = discover_inputs(Path(args.input))
     out_root = Path(args.output)
     try:
