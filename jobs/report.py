@@ -96,9 +96,33 @@ class ReportTask:
 
         layout = Layout(Path(self.cfg.root))
         results = collect_results(self.cfg, self.fold_ids)
-        path = write_report(results, layout.report)
+        path = write_report(results, layout.report, mlflow_runs=self._runs_url())
         self._log(layout.report)
+        self._log_ensemble()
         return str(path)
+
+    def _log_ensemble(self) -> None:
+        """The evaluated ensemble as an MLflow model of the study run, registered when ``mlflow.register``
+        is set (:func:`sepnet.jobs.registry.log_ensemble`); a failure is a warning, the report stays."""
+        try:
+            from sepnet.jobs import registry, tracking
+
+            done = registry.log_ensemble(self.cfg, client=tracking.client(tracking.resolve_uri(self.cfg)),
+                                         run_id=self.parent_run_id)
+            if done is not None:
+                print(done.line(), flush=True)
+        except Exception as e:  # noqa: BLE001 - the report on disk is what matters
+            log.warning("MLflow logging of the ensemble model failed: %s", e)
+
+    def _runs_url(self) -> str | None:
+        """Where to browse the study's MLflow runs (None when MLflow cannot be read)."""
+        from sepnet.jobs import tracking
+
+        try:
+            return tracking.ui_hint(tracking.resolve_uri(self.cfg), self.cfg.mlflow.experiment or self.cfg.name)
+        except Exception as e:  # noqa: BLE001 - the report on disk is what matters
+            log.warning("MLflow runs address unknown: %s", e)
+            return None
 
     def _log(self, report_dir: Path) -> None:
         from sepnet.jobs import tracking
@@ -118,12 +142,15 @@ class ReportTask:
 
             from mlflow.entities import Metric
 
+            # only the ensemble's headline figures on the parent (the chart view stays readable); every
+            # model's figures are on its own run and in the report's tables
             metrics = []
-            for model, s in (summary.get("summary") or {}).items():
+            for model, prefix in (("ensemble", "ensemble"), ("ensemble+pp", "ensemble_pp")):
+                s = (summary.get("summary") or {}).get(model) or {}
                 for metric in ("dice", "hd95"):
                     v = (s.get(metric) or {}).get("weighted", {}).get("mean")
                     if v is not None and math.isfinite(v):
-                        metrics.append(Metric(f"{model}.{metric}_weighted", float(v), int(time.time() * 1000), 0))
+                        metrics.append(Metric(f"{prefix}_{metric}_weighted", float(v), int(time.time() * 1000), 0))
             if metrics:
                 client.log_batch(run_id, metrics=metrics)
             for f in self.fold_ids:
