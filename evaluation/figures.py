@@ -280,27 +280,33 @@ def metric_bars_figure(
     scale: float = 100.0,
     title: str | None = None,
 ) -> Path:
-    """Grouped bars per organ, one bar per model (like the paper's Fig. 9).
+    """Grouped horizontal bars, organs on the y axis (top to bottom in id order), one bar per model
+    (the paper's Fig. 9 turned sideways): a 4:3 page that stays legible in a browser's artifact viewer.
 
     Args:
         values: model name -> organ id -> mean metric (NaN / missing = no bar).
+        ylabel: the metric's axis label (on the x axis here).
         scale: multiplier for display (100 for Dice fractions -> %).
     """
     models = list(values)
     organs = sorted({o for v in values.values() for o in v})
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.55 * len(organs) * max(1, len(models)) ** 0.5 + 3), 4.8))
-    width = 0.8 / max(1, len(models))
+    height = max(4.5, 0.3 * len(organs) + 1.5)  # inches: about 0.3 in per organ group
+    fig, ax = plt.subplots(figsize=(height * 4 / 3, height))
+    bar = 0.8 / max(1, len(models))
     pos = np.arange(len(organs))
     cmap = plt.get_cmap("tab10")
     for i, m in enumerate(models):
         vals = np.array([values[m].get(o, np.nan) for o in organs], dtype=float) * scale
-        ax.bar(pos - 0.4 + width * (i + 0.5), np.nan_to_num(vals), width, label=m, color=cmap(i % 10))
-    ax.set_xticks(pos, [ORGAN_NAMES.get(o, str(o)) for o in organs], rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+        ax.barh(pos - 0.4 + bar * (i + 0.5), np.nan_to_num(vals), bar, label=m, color=cmap(i % 10))
+    ax.set_yticks(pos, [ORGAN_NAMES.get(o, str(o)) for o in organs], fontsize=10)
+    ax.set_ylim(len(organs) - 0.5, -0.5)  # the first organ on top
+    ax.tick_params(axis="x", labelsize=10)
+    ax.set_xlabel(ylabel, fontsize=11)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=9, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(4, max(1, len(models))),
+              frameon=False)
     if title:
-        ax.set_title(title, fontsize=10)
+        fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     return _save(fig, out_png)
 

@@ -49,8 +49,11 @@ __all__ = ["CaseMetricRow", "Claim", "ModelInfo", "Stat", "StudyResults", "VVCRo
            "write_report"]
 
 
-def write_report(results: StudyResults, out_dir: str | os.PathLike) -> Path:
+def write_report(results: StudyResults, out_dir: str | os.PathLike, *, mlflow_runs: str | None = None) -> Path:
     """Write report.md, report.json, CSV tables and PNG figures into ``out_dir``; return report.md's path.
+
+    ``mlflow_runs``: a line saying where the study's runs are browsed (a URL, or the command that
+    serves them), shown under the title and kept in report.json.
 
     Files: report.md, report.json, per_case.csv, dice_table.csv, hd95_table.csv, models.csv,
     uncertainty_levels.csv / error_rates.png (with uncertainty counts), vvc_dice.csv / vvc_dice.png
@@ -65,7 +68,7 @@ def write_report(results: StudyResults, out_dir: str | os.PathLike) -> Path:
     if unknown:
         raise ValueError(f"write_report: per_case rows name models not in StudyResults.models: {unknown}")
     claims = evaluate_claims(results)
-    md = [*_header(results, names), *claims_section(claims), "", STATISTICS_NOTE]
+    md = [*_header(results, names, mlflow_runs=mlflow_runs), *claims_section(claims), "", STATISTICS_NOTE]
     tables = {}
     for metric, title in (("dice", "Dice similarity coefficient"), ("hd95", "95% Hausdorff distance")):
         text, rows = metric_table(results, idx, names, metric) if names else ("(no per-case metrics)", [])
@@ -91,6 +94,7 @@ def write_report(results: StudyResults, out_dir: str | os.PathLike) -> Path:
         "study": results.study,
         "folds": list(results.folds),
         "meta": results.meta,
+        "mlflow_runs": mlflow_runs,
         "models": {n: asdict(results.models[n]) for n in ordered_models(results)},
         "summary": summary(idx, names),
         "per_organ": {metric: [dict(zip(METRIC_TABLE_HEADER, r)) for r in rows] for metric, rows in tables.items()},
@@ -108,12 +112,15 @@ def _atomic_write(path: Path, data: str | bytes) -> Path:
     return atomic_write_bytes(path, data) if isinstance(data, bytes) else atomic_write_text(path, data)
 
 
-def _header(results: StudyResults, names: list[str]) -> list[str]:
-    """Title, folds/cases/models line, meta lines, and the claims section's heading."""
+def _header(results: StudyResults, names: list[str], *, mlflow_runs: str | None = None) -> list[str]:
+    """Title, folds/cases/models line, meta lines (and where the MLflow runs are), and the claims
+    section's heading."""
     md = [f"# Study report: {results.study}", "",
           f"Folds: {', '.join(map(str, results.folds)) or '–'}. "
           f"Test cases: {len({(r.fold, r.case_id) for r in results.per_case})}. Models: {len(names)}."]
     md += [f"- {k}: {v}" for k, v in results.meta.items()]
+    if mlflow_runs:
+        md.append(f"- {mlflow_runs}")
     return md + ["", "## Claims of the paper on this data", ""]
 
 

@@ -232,8 +232,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"study finished in {(time.time() - t0) / 60:.1f} min")
     print(f"report: {layout.report / 'report.md'}")
-    from sepnet.jobs.tracking import resolve_uri
+    from sepnet.jobs.tracking import resolve_uri, ui_hint
 
-    uri = resolve_uri(cfg)
-    print(f"MLflow: mlflow ui --backend-store-uri {uri}")
+    print(ui_hint(resolve_uri(cfg), cfg.mlflow.experiment or cfg.name))  # the runs page, not GenAI traces
     return 0

@@ -38,7 +38,7 @@ import torch
 
 from sepnet.core.errors import DataError
 from sepnet.hpc.atomic import atomic_write_json, atomic_write_text
-from sepnet.jobs.config import EnsembleConfig, EvaluationConfig, InferenceConfig, StudyConfig
+from sepnet.jobs.config import EnsembleConfig, EvaluationConfig, InferenceConfig, StudyConfig, stage_executor
 from sepnet.jobs.study import Layout
 
 log = logging.getLogger("sepnet.evaluate")
@@ -94,7 +94,7 @@ def make_eval_spec(cfg: StudyConfig, folds: list[dict], fold: int) -> EvalSpec:
         members=[m.name for m in cfg.members], inference=study_inference(cfg),
         ensemble=dataclasses.replace(cfg.ensemble), evaluation=dataclasses.replace(cfg.evaluation),
         mlflow_uri=tracking.resolve_uri(cfg), experiment=cfg.mlflow.experiment or cfg.name,
-        fold_run_key=study_run_keys(cfg, fold), threads=cfg.executor.cpus_per_task,
+        fold_run_key=study_run_keys(cfg, fold), threads=stage_executor(cfg.executor, "evaluate").cpus_per_task,
     )
 
 
@@ -276,7 +276,7 @@ class EvalTask:
             "summary": summaries,
             "seconds": seconds,
         }
-        self._log_mlflow(summaries, res.by_model, out)
+        self._log_mlflow(summaries, res.by_model, out, members=members, weights=weights)
         atomic_write_json(out / "done.json", done)
         return done
 
@@ -300,10 +300,18 @@ class EvalTask:
             figures.uncertainty_figure(img, entropy, fig_dir / f"uncertainty_{case}.png",
                                        spacing_zyx=meta.spacing_zyx, title=f"vote entropy, {case}")
 
-    def _log_mlflow(self, summaries: dict, results: dict, out: Path) -> None:
+    def _log_mlflow(self, summaries: dict, results: dict, out: Path, *, members: list | None = None,
+                    weights: np.ndarray | None = None) -> None:
+        """Test metrics (``test_<summary>``, ``test_dice_<organ>``, ``test_hd95_<organ>``) on each model's
+        run, logged to the finished training run without reopening it (status and end time kept); the
+        ensemble's run (created here, then ended) also gets ``test_pp_*``, the fold's files, and its
+        members and fusion weights (``members`` TrainedModels, ``weights`` (N, K)) as params."""
         s = self.spec
         if not s.mlflow_uri or not s.experiment:
             return
+        from mlflow.entities import Metric
+
+        from sepnet.evaluation.metrics import metrics_table
         from sepnet.jobs import tracking
 
         try:
@@ -314,13 +322,13 @@ class EvalTask:
             for name, summary in summaries.items():
                 if name == PP_MODEL:  # no run of its own: its summary goes to the ensemble's run (test_pp_*)
                     continue
+                key = model_run_key(s.study, s.fold, name)
+                created = tracking.find_run(client, exp, key) is None
                 run_id = tracking.get_or_create_run(
-                    client, exp, key=model_run_key(s.study, s.fold, name), name=f"fold{s.fold}/{name}",
-                    parent_run_id=parent, tags={"sepnet.fold": str(s.fold), "sepnet.model": name},
+                    client, exp, key=key, name=f"fold{s.fold}/{name}", parent_run_id=parent,
+                    tags={"sepnet.fold": str(s.fold), "sepnet.model": name}, reopen=False,
                 )
                 metrics = {f"test_{k}": v for k, v in summary.items() if isinstance(v, float) and math.isfinite(v)}
-                from sepnet.evaluation.metrics import metrics_table
-
                 for row in metrics_table(results[name])["organs"]:
                     for k in ("dice_mean", "hd95_mean"):
                         if math.isfinite(row[k]):
@@ -328,19 +336,39 @@ class EvalTask:
                 if name == "ensemble":
                     metrics.update({f"test_pp_{k}": v for k, v in pp.items()
                                     if isinstance(v, float) and math.isfinite(v)})
-                from mlflow.entities import Metric
-
                 ts = int(time.time() * 1000)
                 client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
                 if name == "ensemble":
-                    for f in ("metrics.csv", "vvc.csv", "uncertainty.json", POSTPROCESS_FILE):
-                        if (out / f).is_file():
-                            client.log_artifact(run_id, str(out / f))
-                    if (out / "figures").is_dir():
-                        client.log_artifacts(run_id, str(out / "figures"), "figures")
-                client.set_terminated(run_id)
+                    self._log_ensemble_run(client, run_id, out, members=members, weights=weights)
+                if created or name == "ensemble":  # evaluation's own run: end it; a training run keeps its times
+                    client.set_terminated(run_id)
         except Exception as e:  # noqa: BLE001 - tracking must not lose an evaluation
             log.warning("MLflow logging failed for fold %d: %s", s.fold, e)
+
+    def _log_ensemble_run(self, client, run_id: str, out: Path, *, members: list | None,
+                          weights: np.ndarray | None) -> None:
+        """The fold's files, and ``ensemble.members``, ``ensemble.weighting``, ``ensemble.weights.<member>``
+        (rank weights per class, background first, as JSON) params plus ``ensemble.json``."""
+        from sepnet.jobs import tracking
+
+        for f in ("metrics.csv", "vvc.csv", "uncertainty.json", POSTPROCESS_FILE):
+            if (out / f).is_file():
+                client.log_artifact(run_id, str(out / f))
+        if (out / "figures").is_dir():
+            client.log_artifacts(run_id, str(out / "figures"), "figures")
+        if not members or weights is None:
+            return
+        names = [m.name for m in members]
+        w = [[round(float(x), 6) for x in row] for row in np.asarray(weights)]
+        classes = list(members[0].spec.subset.class_names)
+        client.log_dict(run_id, {"members": names, "weighting": self.spec.ensemble.weighting, "classes": classes,
+                                 "weights": dict(zip(names, w))}, "ensemble.json")
+        params = {"ensemble": {"members": ",".join(names), "weighting": self.spec.ensemble.weighting,
+                               "weights": {n: json.dumps(row) for n, row in zip(names, w)}}}
+        try:
+            tracking.log_params_flat(client, run_id, params)
+        except Exception as e:  # noqa: BLE001 - MLflow keeps a param's first value; ensemble.json has these
+            log.warning("fold %d: MLflow ensemble params not logged (%s)", self.spec.fold, e)
 
 
 def model_run_key(study: str, fold: int, model: str) -> str:

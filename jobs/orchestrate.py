@@ -38,8 +38,11 @@ def study_run_keys(cfg: StudyConfig, fold: int | None = None) -> str:
     return cfg.name if fold is None else f"{cfg.name}/fold{fold}"
 
 
-def ensure_runs(cfg: StudyConfig, fold_ids: list[int]) -> dict[str, str | None]:
-    """Parent run for the study and a child per fold (idempotent). Returns key -> run id."""
+def ensure_runs(cfg: StudyConfig, fold_ids: list[int], folds: list[dict] | None = None, *,
+                reopen: bool = True) -> dict[str, str | None]:
+    """Parent run for the study and a child per fold (idempotent); each fold run holds its split
+    (``folds[f]``: train/val/test case ids) as params and ``split.json``. ``reopen`` false: finished
+    runs stay finished (a rerun with nothing left to do). Returns key -> run id."""
     import hashlib
 
     from sepnet.jobs import tracking
@@ -53,17 +56,38 @@ def ensure_runs(cfg: StudyConfig, fold_ids: list[int]) -> dict[str, str | None]:
     fp = Layout(Path(cfg.root)).store / "fingerprint.json"
     if fp.is_file():
         tags["sepnet.data_fingerprint"] = hashlib.sha256(fp.read_bytes()).hexdigest()[:16]
-    parent = tracking.get_or_create_run(client, exp, key=study_run_keys(cfg), name=cfg.name, tags=tags)
-    tracking.log_params_flat(client, parent, cfg.to_dict())
+    parent = tracking.get_or_create_run(client, exp, key=study_run_keys(cfg), name=cfg.name, tags=tags,
+                                        reopen=reopen)
+    try:
+        tracking.log_params_flat(client, parent, cfg.to_dict())
+    except Exception as e:  # noqa: BLE001 - MLflow keeps a param's first value (e.g. root of a moved study)
+        log.warning("study run: config params kept from the first run (%s)", str(e).splitlines()[0][:300])
     if cfg.source_text:
         tracking.log_config_text(client, parent, cfg.source_text)
     out: dict[str, str | None] = {study_run_keys(cfg): parent}
     for f in fold_ids:
-        out[study_run_keys(cfg, f)] = tracking.get_or_create_run(
+        run_id = out[study_run_keys(cfg, f)] = tracking.get_or_create_run(
             client, exp, key=study_run_keys(cfg, f), name=f"fold{f}", parent_run_id=parent,
-            tags={"sepnet.fold": str(f), **tags},
+            tags={"sepnet.fold": str(f), **tags}, reopen=reopen,
         )
+        if folds is not None and f < len(folds):
+            _log_split(client, run_id, f, folds[f])
     return out
+
+
+def _log_split(client: Any, run_id: str, fold: int, split: dict) -> None:
+    """A fold run's case ids: ``split.n_<part>`` and ``split.<part>`` (comma-separated, cut at MLflow's
+    param limit) params, the full lists in ``split.json``."""
+    from sepnet.jobs import tracking
+
+    parts = {part: [str(c) for c in split.get(part) or []] for part in ("train", "val", "test")}
+    params = {"split": {**{f"n_{p}": len(ids) for p, ids in parts.items()},
+                        **{p: ",".join(ids) for p, ids in parts.items()}}}
+    try:
+        tracking.log_params_flat(client, run_id, params)
+    except Exception as e:  # noqa: BLE001 - MLflow keeps a param's first value; the split is in folds.json
+        log.warning("fold %d: MLflow split params not logged (%s)", fold, e)
+    client.log_dict(run_id, {"fold": fold, **parts}, "split.json")
 
 
 class StudyRun:
@@ -128,7 +152,7 @@ def submit_study(cfg: StudyConfig, folds: list[dict], fold_ids: list[int], plann
     from sepnet.jobs.report import ReportTask
     from sepnet.jobs.train import TrainTask, check_spec, train_spec
 
-    runs = ensure_runs(cfg, fold_ids)
+    runs = ensure_runs(cfg, fold_ids, folds, reopen=not all(j.done for j in planned))
     tasks: dict[str, Any] = {}
     shards = [j for j in planned if j.kind == "preprocess"]
     data_ready = all(j.done for j in shards)

@@ -37,11 +37,13 @@ from typing import Any
 import torch
 
 from sepnet.core.errors import ConfigError, DataError, SubmissionError
+from sepnet.core.inference import autocast, autocast_dtype
+from sepnet.core.organs import ORGAN_NAMES
 from sepnet.hpc import checkpoint as ckpt
 from sepnet.hpc import distributed as ddp
 from sepnet.hpc.atomic import atomic_write_json
 from sepnet.hpc.checkpoint import Checkpointable
-from sepnet.jobs.spec import TrainSpec, train_spec
+from sepnet.jobs.spec import SPEC_FILE, TrainSpec, train_spec
 from sepnet.jobs.tracking import RunTracker
 from sepnet.jobs.validation import jsonable_dice, mean_foreground, validate
 
@@ -174,9 +176,7 @@ def _build(spec: TrainSpec, env: ddp.DistEnv, *, t0: float) -> _Run:
     model = build(spec.member.network, in_channels=len(spec.channels), num_classes=spec.num_classes,
                   base=spec.base, separable_axis=spec.member.separable_axis, seed=tr.seed).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
-    amp_dtype = None
-    if device.startswith("cuda") and tr.amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = autocast_dtype(device, cuda=tr.amp, cpu_bf16=tr.cpu_bf16)
     run = _Run(
         spec=spec, env=env, model=model, net=model, loss_fn=build_loss(spec.member.loss, alpha=spec.member.alpha),
         optimizer=optimizer,
@@ -228,7 +228,7 @@ def _tracker(spec: TrainSpec, *, enabled: bool) -> RunTracker:
               "n_val_cases": len(spec.val_cases)}
     return RunTracker(spec.mlflow_uri, enabled=enabled, experiment=spec.experiment, key=spec.run_key,
                       name=f"fold{spec.fold}/{spec.member.name}", parent_run_id=spec.parent_run_id, tags=tags,
-                      params=params, config_text=spec.config_text)
+                      params=params, config_text=spec.config_text, system_metrics=True)
 
 
 def _executor_job_id() -> str:
@@ -353,8 +353,7 @@ def _train_step(run: _Run, batches: Iterator) -> float:
         image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
         sync = micro == tr.grad_accum - 1 or not env.distributed
         with (nullcontext() if sync else run.net.no_sync()):
-            amp = torch.autocast("cuda", dtype=run.amp_dtype) if run.amp_dtype is not None else nullcontext()
-            with amp:
+            with autocast(device, run.amp_dtype):
                 logits = run.net(image)
             loss = run.loss_fn(logits.float(), label, annotated=annotated.to(device)) / tr.grad_accum
             run.scaler.scale(loss).backward()
@@ -372,15 +371,16 @@ def _validate_and_keep_best(run: _Run) -> None:
         t_val = time.perf_counter()
         dice = validate(run.model, run.store, spec.val_cases, channels=spec.channels, num_classes=spec.num_classes,
                         patch=spec.val_patch or spec.training.patch, overlap=spec.val_overlap,
-                        device=run.env.device, amp_dtype=run.amp_dtype, subset=spec.subset)
+                        device=run.env.device, amp_dtype=run.amp_dtype, subset=spec.subset,
+                        slabs=spec.training.val_slabs)
         score = mean_foreground(dice)
         print(f"validation fold{spec.fold}/{spec.member.name} it {p.step}/{spec.total_iterations}: mean foreground "
               f"Dice {score:.4f} (best {max(score, p.best_score):.4f}) in {time.perf_counter() - t_val:.1f} s",
               flush=True)
         run.tracker.metric("val_dice_mean_fg", score, p.step)
-        for c, d in enumerate(dice):
-            if c and not math.isnan(d):
-                run.tracker.metric(f"val_dice_{c:02d}", float(d), p.step)
+        for organ, d in zip(spec.organ_ids, dice[1:]):  # by organ name, as evaluation's test_dice_<organ>
+            if not math.isnan(d):
+                run.tracker.metric(f"val_dice_{ORGAN_NAMES[organ]}", float(d), p.step)
         if score > p.best_score:
             p.best_score, p.best_dice = score, jsonable_dice(dice)
             _save_best(run, score=score)
@@ -423,6 +423,8 @@ def _write_done(run: _Run) -> None:
     }
     atomic_write_json(run.out / DONE, result)
     run.tracker.metric("train_seconds", result["train_seconds"], p.step)
+    # the model as a run artifact: best.pt loads with torch.load(weights_only=True), spec.json rebuilds it
+    run.tracker.log_files([run.out / BEST, run.out / SPEC_FILE, run.out / DONE], "model")
     run.tracker.finish()
 
 

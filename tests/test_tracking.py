@@ -97,3 +97,69 @@ def test_run_tracker_buffers_and_resumes_its_run(tmp_path, monkeypatch):
     assert run.data.tags["sepnet.fold"] == "0" and run.data.tags[tracking.KEY_TAG] == "s/fold0/m"
     again = tracking.RunTracker(uri, enabled=True, experiment="e", key="s/fold0/m", name="fold0/m")
     assert again.run_id == t.run_id and c.get_run(t.run_id).info.status == "RUNNING"  # a resumed job's run
+
+
+def test_experiment_kind_tag_and_runs_url(mlflow_server):
+    # MLflow 3's UI opens an experiment tagged custom_model_development on its runs (not GenAI traces)
+    c = tracking.client(mlflow_server)
+    exp = c.create_experiment("untagged")  # an experiment made before the tag existed gets it too
+    assert tracking.EXPERIMENT_KIND_TAG not in c.get_experiment(exp).tags
+    assert tracking.ensure_experiment(c, "untagged") == exp
+    assert c.get_experiment(exp).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    new = tracking.ensure_experiment(c, "kind-new")
+    assert c.get_experiment(new).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert tracking.runs_url(mlflow_server + "/", new) == f"{mlflow_server}/#/experiments/{new}/runs"
+    assert tracking.ui_hint(mlflow_server, "kind-new") == f"MLflow runs: {mlflow_server}/#/experiments/{new}/runs"
+    assert tracking.runs_url("sqlite:////x/mlflow.db", "3") == "http://127.0.0.1:5000/#/experiments/3/runs"
+
+
+def test_finished_run_found_without_reopening(mlflow_server):
+    from mlflow.entities import Metric
+
+    c = tracking.client(mlflow_server)
+    exp = tracking.ensure_experiment(c, "no-reopen")
+    run = tracking.get_or_create_run(c, exp, key="k", name="n")
+    c.set_terminated(run)
+    before = c.get_run(run).info
+    again = tracking.get_or_create_run(c, exp, key="k", name="n", tags={"sepnet.model": "m"}, reopen=False)
+    c.log_batch(again, metrics=[Metric("test_dice_Lens_L", 0.5, 0, 0)])  # logging to a FINISHED run
+    after = c.get_run(run)
+    assert again == run and after.data.metrics["test_dice_Lens_L"] == 0.5 and after.data.tags["sepnet.model"] == "m"
+    assert (after.info.status, after.info.end_time) == ("FINISHED", before.end_time)
+    tracking.get_or_create_run(c, exp, key="k", name="n")  # the default reopens: a resumed job's run
+    assert c.get_run(run).info.status == "RUNNING"
+
+
+def test_run_tracker_system_metrics_and_files(tmp_path):
+    pytest.importorskip("psutil")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = tracking.RunTracker(uri, enabled=True, experiment="e", key="sys", name="sys", system_metrics=True,
+                            system_metrics_interval=3600.0)  # no periodic sample: the final one at finish
+    (tmp_path / "w.txt").write_text("weights")
+    t.log_files([tmp_path / "w.txt", tmp_path / "absent.txt"], "model")
+    t.finish()
+    c = tracking.client(uri)
+    run = c.get_run(t.run_id)
+    assert run.info.status == "FINISHED"
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
+    assert any(k.startswith("system/system_memory_usage") for k in run.data.metrics)
+    assert [f.path for f in c.list_artifacts(t.run_id, "model")] == ["model/w.txt"]
+
+
+def test_run_tracker_without_psutil(tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_psutil(name, *a, **k):
+        if name == "psutil" or name.startswith("mlflow.system_metrics"):
+            raise ImportError("No module named 'psutil'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_psutil)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = tracking.RunTracker(uri, enabled=True, experiment="e", key="nops", name="n", system_metrics=True)
+    t.metric("loss", 1.0, 1)
+    t.finish()
+    run = tracking.client(uri).get_run(t.run_id)
+    assert run.info.status == "FINISHED" and set(run.data.metrics) == {"loss"}
