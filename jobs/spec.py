@@ -20,7 +20,7 @@ from typing import Any, Literal
 from sepnet.core.errors import DataError, SubmissionError
 from sepnet.core.organs import SUBSETS, OrganSubset
 from sepnet.hpc.atomic import atomic_write_json
-from sepnet.jobs.config import MemberConfig, StudyConfig, TrainingConfig
+from sepnet.jobs.config import MemberConfig, StudyConfig, TrainingConfig, stage_executor
 
 SPEC_FILE = "spec.json"
 SPEC_VERSION = 1
@@ -222,7 +222,8 @@ def train_spec(cfg: StudyConfig, *, model: str, fold: int, folds: list[dict] | N
         val_cases=list(f["val"]), kind="member" if model in {m.name for m in cfg.members} else "baseline",
         mlflow_uri=tracking.resolve_uri(cfg), experiment=cfg.mlflow.experiment or cfg.name,
         parent_run_id=parent_run_id, config_text=cfg.source_text, study_name=cfg.name,
-        val_patch=list(cfg.inference_patch), val_overlap=cfg.inference.overlap, threads=cfg.executor.cpus_per_task,
+        val_patch=list(cfg.inference_patch), val_overlap=cfg.inference.overlap,
+        threads=stage_executor(cfg.executor, "train").cpus_per_task,
         organs=cfg.organs,
     )
 

@@ -267,3 +267,16 @@ def test_case_ids_shared_by_two_datasets_are_refused_and_prefixes_keep_them_apar
     cfg_file.write_text(yaml.safe_dump(base))
     ids = [cid for _, cid in study_cases(load_config(cfg_file))]
     assert ids == ["phantom_000", "phantom_001", "pd_000", "pd_001"]
+
+
+def test_each_job_uses_its_own_stage_cpus_as_torch_threads(tmp_path):
+    # training threads come from the train stage, evaluation's from the evaluate stage (not the top level)
+    from sepnet.jobs.evaluate import make_eval_spec
+    from sepnet.jobs.spec import train_spec
+
+    cfg_path = tiny_study(tmp_path, "executor: {kind: local, cpus_per_task: 1, stages: {evaluate: {cpus_per_task: 2}, "
+                                    "train: {cpus_per_task: 3}}}")
+    cfg = load_config(cfg_path)
+    folds = [{"train": ["case00", "case01"], "val": ["case02"], "test": ["case03"]}]
+    assert make_eval_spec(cfg, folds, 0).threads == 2
+    assert train_spec(cfg, model="unet3d", fold=0, folds=folds).threads == 3

@@ -239,3 +239,26 @@ def test_study_organs_reach_the_train_spec(tmp_path, tiny_store):
     cfg_path.write_text(cfg_path.read_text().replace("organs: common7", "organs: eyes"))
     with pytest.raises(ConfigError, match="organs: unknown organ subset 'eyes'; known: structseg22, common7"):
         load_config(cfg_path)
+
+
+def test_validation_slabs_by_hand(tiny_store):
+    from sepnet.core.networks import build
+    from sepnet.data.store import Store
+    from sepnet.jobs.validation import confusion, dice_from_confusion, predict_volume, slab_starts, validate
+
+    assert slab_starts(100, slabs=2, thickness=16) == [28, 56]  # linspace(0, 84, 4)[1:-1] = 28, 56
+    assert slab_starts(30, slabs=2, thickness=16) == [0]  # would cover the volume: all of it
+    assert slab_starts(40, slabs=1, thickness=16) == [12]
+    # validate(slabs=1) equals the Dice of that one slab predicted alone, computed here independently
+    store = Store(tiny_store)
+    cid = store.case_ids[0]
+    net = build("sepnet", in_channels=1, num_classes=23, base=4, seed=0).eval()
+    image = torch.from_numpy(store.read_image(cid, ["SLF1"]))
+    depth = image.shape[1]
+    (z0,) = slab_starts(depth, slabs=1, thickness=8)
+    pred = predict_volume(net, image[:, z0:z0 + 8], num_classes=23, patch=[8, 40, 40], overlap=0.5,
+                          device="cpu", amp_dtype=None)
+    want = dice_from_confusion(confusion(pred, store.read_label(cid)[z0:z0 + 8], num_classes=23))
+    got = validate(net, store, [cid], channels=["SLF1"], num_classes=23, patch=[8, 40, 40], slabs=1)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)])
