@@ -8,7 +8,12 @@ the first convolution's) with the float64 gradient (random weights: numeric fide
 Median of alternating repetitions after one warm-up round. Only CPUs with bf16 instructions (avx512_bf16,
 AMX) are expected to gain; the header prints whether this one has them.
 
-Run: ``.venv/bin/python bench/bench_precision.py [--quick] [--base 8] [--patch 16,64,64] [--volume 60,128,128]``.
+A random-weight network is the worst case: ``--trained MODEL_DIR --store STORE`` adds the same gradient
+and label comparison for a trained model (``jobs.models.load_trained``) on the patch at the centre of the
+store's first case (the model's input channels).
+
+Run: ``.venv/bin/python bench/bench_precision.py [--quick] [--base 8] [--patch 16,64,64] [--volume 60,128,128]
+[--trained studies/claims/models/fold0/sep-slf1-a05 --store studies/claims/store]``.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ def main() -> None:
     p.add_argument("--patch", default="16,64,64", help="training and inference window z,y,x")
     p.add_argument("--volume", default="60,128,128", help="inference volume z,y,x")
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--trained", default=None, help="a trained model folder (spec.json, best.pt, done.json)")
+    p.add_argument("--store", default=None, help="the store the --trained model was trained on")
     args = p.parse_args()
     set_threads(args)
     import torch
@@ -122,6 +129,45 @@ def main() -> None:
             targets.append([f"{name} {what}: bf16 faster than fp32", f"{t32 / t16:.2f}x", verdict(t32 / t16 > 1.0)])
     table(["network", "step", "fp32 s (median)", "bf16 s (median)", "speed-up fp32/bf16", "numeric drift"], rows)
     table(["target", "measured", "verdict"], targets)
+    if args.trained:
+        _trained_fidelity(args, patch=patch, loss_fn=loss_fn)
+
+
+def _trained_fidelity(args, *, patch, loss_fn) -> None:
+    """Gradient cosine and label changes of bf16 vs float64 for a trained model on a real patch."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from sepnet.core.inference import autocast
+    from sepnet.data.store import Store
+    from sepnet.jobs.models import load_trained
+
+    model = load_trained(args.trained)
+    store = Store(args.store)
+    cid = store.case_ids[0]
+    img, lab = store.read_image(cid, list(model.channels)), store.read_label(cid)
+    lo = [max(0, (n - p) // 2) for n, p in zip(img.shape[1:], patch)]
+    sl = tuple(slice(a, a + p) for a, p in zip(lo, patch))
+    x = torch.from_numpy(np.ascontiguousarray(img[(slice(None),) + sl], dtype=np.float32))[None]
+    y = torch.from_numpy(model.spec.subset.to_subset(lab[sl]).astype(np.int64))[None]
+    k = model.spec.num_classes
+    out = {}
+    for prec, dtype in (("fp64", None), ("bf16", torch.bfloat16)):
+        net = copy.deepcopy(model.network).eval()
+        xx = x
+        if prec == "fp64":
+            net, xx = net.double(), x.double()
+        with autocast("cpu", dtype):
+            logits = net(xx)
+        loss_fn(logits.double() if prec == "fp64" else logits.float(), y,
+                annotated=torch.ones(1, k, dtype=torch.bool)).backward()
+        out[prec] = (torch.cat([p.grad.flatten().double() for p in net.parameters()]), logits.double().argmax(1))
+    cos = float(torch.nn.functional.cosine_similarity(out["fp64"][0], out["bf16"][0], dim=0))
+    changed = float((out["fp64"][1] != out["bf16"][1]).double().mean())
+    table(["trained model", "case", "patch", "bf16 gradient cosine vs fp64", "labels changed"],
+          [[model.name, cid, "x".join(map(str, patch)), f"{cos:.4f}", f"{100 * changed:.3f}%"]])
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("sepnet.jobs.predict", "segment new CT scans with the ensemble, with uncertainty"),
     "cv": ("sepnet.jobs.cv", "run a whole cross-validated study: preprocess, train, evaluate, report"),
     "status": ("sepnet.jobs.status", "show where each job of a study is"),
+    "export": ("sepnet.jobs.export", "write a study's trained ensemble as a self-contained, checksummed bundle"),
+    "relocate": ("sepnet.jobs.relocate", "point a moved or copied study's MLflow store at its new folder"),
 }
 
 
