@@ -176,3 +176,27 @@ def trained_study(tmp_path_factory) -> Path:
     cfg = write_tiny_study(tmp_path_factory.mktemp("tiny-study"))
     assert main(["cv", str(cfg)]) == 0
     return cfg
+
+
+# --------------------------------------------------------------------------- SLURM job helpers
+
+def slurm_state(job_id: str) -> str:
+    """The job's state as ``squeue`` prints it ('' once it left the queue)."""
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+
+
+def release_requeued(job_id: str, *, polls: int = 600) -> bool:
+    """Wait for a preempted, requeued job to be PENDING, release it at once (a requeued job waits ~2 min
+    for its BeginTime) and wait until it runs or has left the queue. True when it was released."""
+    released = False
+    for _ in range(polls):
+        st = slurm_state(job_id)
+        if st == "PENDING" and not released:
+            # slurmd refuses to relaunch a job id it killed a moment ago ("already killed"): let it settle
+            time.sleep(5)
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
+            released = True
+        if released and st in ("RUNNING", ""):
+            break
+        time.sleep(0.5)
+    return released

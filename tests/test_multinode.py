@@ -23,6 +23,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import torch
+from conftest import release_requeued
 
 from sepnet.hpc.checkpoint import load
 from sepnet.hpc.executors import make_executor, wait
@@ -78,10 +79,6 @@ def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _state(job_id: str) -> str:
-    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
-
-
 @pytest.fixture(scope="module")
 def trained(two_nodes, tmp_path_factory, tiny_store):
     """One 2-node x 1-task and one 1-node x 2-task training of the same spec (the former logging to MLflow)."""
@@ -132,16 +129,7 @@ def test_preempted_two_node_job_resumes_exactly(trained, tiny_store):
             break
         time.sleep(0.2)
     job._interrupt()  # preemption: SIGTERM + SIGUSR2 -> rank 0 checkpoints and requeues the whole job
-    released = False
-    for _ in range(600):  # the requeued job waits ~2 min (BeginTime): release it now
-        st = _state(job.job_id)
-        if st == "PENDING" and not released:
-            time.sleep(5)  # slurmd refuses to relaunch a job id it killed a moment ago
-            subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=False)
-            released = True
-        if released and st in ("RUNNING", ""):
-            break
-        time.sleep(0.5)
+    released = release_requeued(job.job_id)
     report = wait([job], poll_s=1.0)
     assert report.ok, report.failed
     done = report.results[job.job_id]

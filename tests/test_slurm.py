@@ -13,6 +13,7 @@ import time
 import cloudpickle
 import pytest
 import torch
+from conftest import release_requeued, slurm_state
 
 from sepnet.core.errors import SubmissionError
 from sepnet.hpc.checkpoint import load
@@ -60,10 +61,6 @@ def _squeue_count() -> int:
     return len(subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.splitlines())
 
 
-def _state(job_id: str) -> str:
-    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
-
-
 def test_checks_before_queueing(slurm, tmp_path):
     before = _squeue_count()
     with pytest.raises(SubmissionError, match="unknown partition 'nosuch'"):
@@ -96,7 +93,7 @@ def test_cancelled_job_is_reported_failed(slurm, tmp_path):
     ex = make_executor(ExecutorConfig(kind="slurm", time_min=10), folder=tmp_path, name="sleeper")
     job = ex.submit(sleeper, 600)
     for _ in range(120):
-        if _state(job.job_id) == "RUNNING":
+        if slurm_state(job.job_id) == "RUNNING":
             break
         time.sleep(0.5)
     subprocess.run(["scancel", job.job_id], check=True)
@@ -149,17 +146,7 @@ def test_preempted_job_requeues_and_resumes_bit_identical(slurm, tmp_path, tiny_
             break
         time.sleep(0.2)
     job._interrupt()  # preemption: SIGTERM + SIGUSR2 -> checkpoint() -> requeue
-    released = False
-    for _ in range(600):  # the requeued job waits ~2 min (BeginTime): release it now
-        st = _state(job.job_id)
-        if st == "PENDING" and not released:
-            # slurmd refuses to relaunch a job id it killed a moment ago ("already killed"): let it settle
-            time.sleep(5)
-            subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=False)
-            released = True
-        if released and st in ("RUNNING", ""):
-            break
-        time.sleep(0.5)
+    released = release_requeued(job.job_id)
     report = wait([job], poll_s=1.0)
     assert report.ok, report.failed
     done = report.results[job.job_id]
