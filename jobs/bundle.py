@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import shutil
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 from sepnet import __version__
 from sepnet.core.errors import DataError
 from sepnet.hpc.atomic import atomic_write_bytes, atomic_write_json, replace_dir, temp_path
+from sepnet.jobs.spec import read_model_json
 
 BUNDLE_FORMAT = 1  # bump when a reader of this version could not read the new layout
 MANIFEST, META, CONFIG = "manifest.json", "bundle.json", "study.yaml"
@@ -153,7 +153,7 @@ def verify_bundle(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path}: no such bundle folder")
-    manifest = _read_json(path / MANIFEST, what="bundle manifest (written by `sepnet export`)")
+    manifest = read_model_json(path / MANIFEST, what="bundle manifest (written by `sepnet export`)")
     _check_format(manifest, path / MANIFEST)
     files = manifest.get("files")
     if not isinstance(files, dict) or META not in files:
@@ -189,7 +189,7 @@ def load_bundle(path: str | Path, *, fold: str | int = "all", overlap: float | N
 
     path = Path(path)
     verify_bundle(path)
-    meta = _read_json(path / META, what="bundle description")
+    meta = read_model_json(path / META, what="bundle description")
     _check_format(meta, path / META)
     try:
         decisions = {int(f): None if d is None else PostprocessDecision.from_dict(d)
@@ -201,21 +201,12 @@ def load_bundle(path: str | Path, *, fold: str | int = "all", overlap: float | N
     found = {f: [d.name for d in dirs] for f, dirs in find_models(path).items()}
     ens = assemble_ensemble(load_config(path / CONFIG), where=path, found=found, model_dir=Layout(path).model_dir,
                             decision_of=decisions.get,
-                            plan=Plan.from_dict(_read_json(path / PLAN, what="plan"), source=str(path / PLAN)),
-                            fingerprint=_read_json(path / FINGERPRINT, what="fingerprint"),
+                            plan=Plan.from_dict(read_model_json(path / PLAN, what="plan"), source=str(path / PLAN)),
+                            fingerprint=read_model_json(path / FINGERPRINT, what="fingerprint"),
                             fold=str(fold), overlap=overlap, tta=tta)
     if ens.folds == bundle_folds and (stored.shape != ens.weights.shape or not np.allclose(stored, ens.weights)):
         raise DataError(f"{path / META}: fusion weights differ from those of the bundle's members (done.json)")
     return ens
-
-
-def _read_json(path: Path, *, what: str):
-    if not path.is_file():
-        raise DataError(f"{path}: missing ({what})")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable {what} ({str(e).splitlines()[0]})") from None
 
 
 def _check_format(data, path: Path) -> None:

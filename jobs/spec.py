@@ -228,12 +228,12 @@ def train_spec(cfg: StudyConfig, *, model: str, fold: int, folds: list[dict] | N
     )
 
 
-def read_model_json(path: str | Path) -> Any:
-    """A JSON file of a trained model's folder (spec.json, done.json); DataError naming it when it is
-    missing or unreadable."""
+def read_model_json(path: str | Path, *, what: str = "is the model trained?") -> Any:
+    """A JSON file of a trained model's folder (spec.json, done.json) or of a bundle; DataError naming it
+    when it is missing (``what`` says what it is or why it may be missing) or unreadable."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: missing (is the model trained?)")
+        raise DataError(f"{path}: missing ({what})")
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
