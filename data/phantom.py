@@ -37,7 +37,11 @@ size      in-plane        spacing x/y (mm)     z (mm)   sub-slices  z range (mm)
 tiny      64 x 64         3.8 x [0.95, 1.05]   4.0      5           +50..60 to -118..130  43-48
 small     128 x 128       2.0 x [0.95, 1.05]   3.0      5           +50..60 to -118..130  57-64
 full      512 x 512       0.98 x [0.90, 1.10]  3.0      3           +75..105 to -200..250 93-119
+slab      512 x 512       0.98 x [0.90, 1.10]  3.0      3           +25..35 to -60..70    29-36
 ========  ==============  ===================  =======  ==========  ===================  =========
+
+``slab`` is ``full`` cut to a slab around the eyes and the skull base: the arrays users see in-plane, with a
+third of the slices (a CI-sized paper-scale run).
 
 ``tiny`` is about 0.6 MB in memory (int16 + uint8), ``small`` about 3 MB, ``full`` about 80 MB.
 """
@@ -82,6 +86,7 @@ SIZES: dict[str, SizeSpec] = {
     "tiny": SizeSpec(64, 3.8, 4.0, 5, (50.0, 60.0), (118.0, 130.0), 0.05),
     "small": SizeSpec(128, 2.0, 3.0, 5, (50.0, 60.0), (118.0, 130.0), 0.05),
     "full": SizeSpec(512, 0.98, 3.0, 3, (75.0, 105.0), (200.0, 250.0), 0.10),
+    "slab": SizeSpec(512, 0.98, 3.0, 3, (25.0, 35.0), (60.0, 70.0), 0.10),
 }
 
 
@@ -89,7 +94,7 @@ def make_case(*, seed: int, size: str = "small", case_id: str | None = None) -> 
     """Render one phantom case.
 
     seed: an int, or a sequence of ints (``write_phantom`` uses ``(seed, i)`` for case i); the same seed
-    gives a bit-identical case. size: ``tiny`` | ``small`` | ``full`` (see the module docstring).
+    gives a bit-identical case. size: ``tiny`` | ``small`` | ``full`` | ``slab`` (see the module docstring).
     Returns a :class:`Case` with image int16 HU (z, y, x) clipped to [-1024, 3071], label uint8 (z, y, x)
     with StructSeg ids 0..22, identity direction, and the grid centred in-plane on (0, 0).
     Raises DataError for an unknown size.
