@@ -93,3 +93,14 @@ class ExecutorConfig:
         """``stages[stage].array``, 1 when not set."""
         over = self.stages.get(stage)
         return over.array if over and over.array is not None else 1
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far, GiB (``getrusage`` ru_maxrss: KiB on Linux, bytes on macOS).
+
+    Jobs print it in their last line, so the job logs (and the paper-scale memory table) hold it."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20

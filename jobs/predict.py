@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -407,8 +408,10 @@ def _predict_one(case: str, path: Path, kind: str, ens: StudyEnsemble, out: Path
                  vvc_threshold: float) -> str:
     """Predict and write one input; returns the line to print."""
     from sepnet.data.readers import read_image, write_labels, write_volume
+    from sepnet.hpc.resources import peak_rss_gib
     from sepnet.jobs.models import organ_names
 
+    t0 = time.perf_counter()
     image, geom = read_image(path)
     pred = predict_case(image, geom, ens, device=device, case_id=case)
     write_labels(pred.labels, geom, out / "labels.nii.gz")
@@ -430,7 +433,8 @@ def _predict_one(case: str, path: Path, kind: str, ens: StudyEnsemble, out: Path
         summary.update(_write_dicom(pred.labels, path, out, names=names))
     atomic_write_json(out / "summary.json", summary)
     line = (f"{case}: {int((pred.labels > 0).sum())} organ voxels -> {out} "
-            f"(high uncertainty: {', '.join(summary['flagged_organs']) or 'none'})")
+            f"(high uncertainty: {', '.join(summary['flagged_organs']) or 'none'}); "
+            f"{time.perf_counter() - t0:.1f} s, peak RSS {peak_rss_gib():.2f} GiB")
     sp = pred.spacing
     if sp["resampled"] and not sp["plan_resamples"]:
         line += (f"; resampled from {_mm(sp['input_zyx'])} to the models' {_mm(sp['model_zyx'])} mm "

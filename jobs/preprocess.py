@@ -192,6 +192,7 @@ class PreprocessTask:
         from sepnet.core.errors import DataError
         from sepnet.data.preprocess import preprocess, write_fingerprint
         from sepnet.data.store import Store
+        from sepnet.hpc.resources import peak_rss_gib
 
         pp, failed, done = self.pp, {}, 0
         for i, ds in enumerate(self.datasets):
@@ -221,5 +222,5 @@ class PreprocessTask:
         if {cid for _, cid in self.cases} <= set(Store(self.store).case_ids):
             write_fingerprint(self.store)
         print(f"preprocess shard {self.shard}/{self.shards}: {done} written, "
-              f"{len(self.mine()) - done} up to date", flush=True)
+              f"{len(self.mine()) - done} up to date, peak RSS {peak_rss_gib():.2f} GiB", flush=True)
         return {"shard": self.shard, "written": done}

@@ -411,6 +411,7 @@ def _save_last(run: _Run) -> None:
 def _write_done(run: _Run) -> None:
     """best.pt (the last weights when nothing was validated) and done.json, the job's last write."""
     from sepnet.core.networks import count_parameters
+    from sepnet.hpc.resources import peak_rss_gib
 
     spec, p = run.spec, run.progress
     if not (run.out / BEST).exists():  # no validation case: the last weights are the model
@@ -419,9 +420,11 @@ def _write_done(run: _Run) -> None:
         "member": spec.member.name, "fold": spec.fold, "iterations": p.step, "params": count_parameters(run.model),
         "best_score": None if p.best_score == -math.inf else p.best_score, "val_dice": p.best_dice,
         "train_seconds": run.seconds(), "world_size": run.env.world_size, "resumed_from": p.resumed_from,
-        "mlflow_run_id": run.tracker.run_id,
+        "mlflow_run_id": run.tracker.run_id, "peak_rss_gib": round(peak_rss_gib(), 3),
     }
     atomic_write_json(run.out / DONE, result)
+    print(f"done fold{spec.fold}/{spec.member.name}: {p.step} iterations in {result['train_seconds']:.0f} s, "
+          f"peak RSS {result['peak_rss_gib']:.2f} GiB (rank 0)", flush=True)
     run.tracker.metric("train_seconds", result["train_seconds"], p.step)
     # the model as a run artifact: best.pt loads with torch.load(weights_only=True), spec.json rebuilds it
     run.tracker.log_files([run.out / BEST, run.out / SPEC_FILE, run.out / DONE], "model")
