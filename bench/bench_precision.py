@@ -10,10 +10,14 @@ AMX) are expected to gain; the header prints whether this one has them.
 
 A random-weight network is the worst case: ``--trained MODEL_DIR --store STORE`` adds the same gradient
 and label comparison for a trained model (``jobs.models.load_trained``) on the patch at the centre of the
-store's first case (the model's input channels).
+store's first case (the model's input channels). ``--study STUDY --study-models a,b`` decides the
+inference default on trained models: each model's sliding-window labels (``jobs.models.TrainedModel.
+probabilities``, the evaluation's path) on every fold-0 test case in float32 and in bf16, their time, and a
+paired test of the per-case mean foreground Dice (``evaluation.significance.paired_test``).
 
 Run: ``.venv/bin/python bench/bench_precision.py [--quick] [--base 8] [--patch 16,64,64] [--volume 60,128,128]
-[--trained studies/claims/models/fold0/sep-slf1-a05 --store studies/claims/store]``.
+[--trained studies/claims/models/fold0/sep-slf1-a05 --store studies/claims/store]
+[--study studies/claims --study-models sep-slf1-a05,unet3d]``.
 """
 
 from __future__ import annotations
@@ -65,7 +69,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--trained", default=None, help="a trained model folder (spec.json, best.pt, done.json)")
     p.add_argument("--store", default=None, help="the store the --trained model was trained on")
+    p.add_argument("--study", default=None, help="a trained study: bf16 vs fp32 inference Dice on its test cases")
+    p.add_argument("--study-models", default="", help="models of --study (default: all of fold 0)")
     args = p.parse_args()
+    if args.study:
+        set_threads(args)
+        header("CPU bf16 vs float32 inference on a trained study", args)
+        _study_inference(args)
+        return
     set_threads(args)
     import torch
 
@@ -168,6 +179,54 @@ def _trained_fidelity(args, *, patch, loss_fn) -> None:
     changed = float((out["fp64"][1] != out["bf16"][1]).double().mean())
     table(["trained model", "case", "patch", "bf16 gradient cosine vs fp64", "labels changed"],
           [[model.name, cid, "x".join(map(str, patch)), f"{cos:.4f}", f"{100 * changed:.3f}%"]])
+
+
+def _study_inference(args) -> None:
+    """Per model of ``args.study`` fold 0: time and mean foreground Dice per test case, fp32 vs bf16."""
+    import json
+    import time
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from sepnet.data.store import Store
+    from sepnet.evaluation.significance import paired_test
+    from sepnet.jobs.config import InferenceConfig
+    from sepnet.jobs.models import find_models, load_trained
+    from sepnet.jobs.validation import mean_foreground, per_class_dice
+
+    root = Path(args.study)
+    store = Store(root / "store")
+    test = json.loads((root / "folds.json").read_text())["folds"][0]["test"]
+    wanted = [m for m in args.study_models.split(",") if m]
+    dirs = [d for d in find_models(root)[0] if not wanted or d.name in wanted]
+    print(f"Study {root}: fold 0, {len(test)} test cases; training-patch windows, overlap 0.5, batch 2; "
+          "paired test of the per-case mean foreground Dice (bf16 - fp32), minimum effect 1 point.\n")
+    rows = []
+    for d in dirs:
+        model = load_trained(d)
+        dice: dict[str, list[float]] = {"fp32": [], "bf16": []}
+        secs: dict[str, list[float]] = {"fp32": [], "bf16": []}
+        changed = []
+        for cid in test:
+            img = store.read_image(cid, list(model.channels))
+            ref = model.spec.subset.to_subset(store.read_label(cid))
+            labels = {}
+            for prec in ("fp32", "bf16"):
+                inf = InferenceConfig(batch_size=2, cpu_bf16=prec == "bf16")
+                t0 = time.perf_counter()
+                labels[prec] = model.probabilities(img, inference=inf, device=torch.device("cpu")).argmax(0).numpy()
+                secs[prec].append(time.perf_counter() - t0)
+                k = model.spec.num_classes
+                dice[prec].append(mean_foreground(per_class_dice(labels[prec], ref, num_classes=k)))
+            changed.append(float((labels["fp32"] != labels["bf16"]).mean()))
+        t = paired_test(dice["bf16"], dice["fp32"], min_effect=0.01)
+        rows.append([model.name, f"{median(secs['fp32']):.1f}", f"{median(secs['bf16']):.1f}",
+                     f"{median(secs['fp32']) / median(secs['bf16']):.2f}x", f"{np.mean(dice['fp32']):.4f}",
+                     f"{np.mean(dice['bf16']):.4f}", t.describe(), t.status, f"{100 * np.mean(changed):.3f}%"])
+    table(["model", "fp32 s/volume", "bf16 s/volume", "speed-up", "fp32 mean fg Dice", "bf16 mean fg Dice",
+           "bf16 - fp32 (paired)", "verdict", "labels changed"], rows)
 
 
 if __name__ == "__main__":
