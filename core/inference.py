@@ -29,13 +29,22 @@ AXES = {"z": 0, "y": 1, "x": 2}
 STRUCTSEG_LR_PAIRS: tuple[tuple[int, int], ...] = STRUCTSEG22.lr_pairs
 
 
-def autocast_dtype(device: str | torch.device, *, cuda: bool = True, cpu_bf16: bool = False) -> torch.dtype | None:
+def cpu_has_bf16() -> bool:
+    """True when this CPU has bf16 instructions (avx512_bf16 or AMX), where oneDNN runs bf16 natively;
+    elsewhere bf16 is emulated and slower than float32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def autocast_dtype(device: str | torch.device, *, cuda: bool = True,
+                   cpu_bf16: bool | str = False) -> torch.dtype | None:
     """The autocast dtype for ``device``: on CUDA (when ``cuda``) bfloat16 where the device supports it
-    natively (compute capability >= 8.0), else float16; on the CPU bfloat16 when ``cpu_bf16`` (fast only on
-    CPUs with bf16 instructions, e.g. avx512_bf16 or AMX); None (no autocast, float32) otherwise."""
+    natively (compute capability >= 8.0), else float16; on the CPU bfloat16 when ``cpu_bf16`` is true, or
+    is ``"auto"`` and :func:`cpu_has_bf16`; None (no autocast, float32) otherwise."""
     device = torch.device(device)
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_bf16 else None
+        on = cpu_has_bf16() if cpu_bf16 == "auto" else bool(cpu_bf16)
+        return torch.bfloat16 if on else None
     if device.type != "cuda" or not cuda or not torch.cuda.is_available():
         return None
     major, _ = torch.cuda.get_device_capability(device)

@@ -44,6 +44,7 @@ def test_paper_protocol_defaults():
     assert (t.lr, t.weight_decay, t.lr_decay, t.lr_step_epochs) == (1e-3, 1e-8, 0.9, 10)
     assert t.patch == [16, 128, 128]
     assert cfg.preprocess.crop == [256, 256] and cfg.preprocess.chunks == [1, 16, 128, 128]
+    assert (t.cpu_bf16, cfg.inference.cpu_bf16) == (False, "auto")  # measured: docs/benchmarks.md, section 7
 
 
 @pytest.mark.parametrize(
@@ -52,6 +53,7 @@ def test_paper_protocol_defaults():
         ({"training": {"batch_sise": 2}}, "unknown key training.batch_sise"),
         ({"training": {"batch_size": "two"}}, "training.batch_size: expected an integer"),
         ({"training": {"amp": "yes"}}, "training.amp: expected true/false"),
+        ({"inference": {"cpu_bf16": "yes"}}, "inference.cpu_bf16: expected true/false or 'auto', got 'yes'"),
         ({"training": {"patch": [12, 128, 128]}}, "divisible by 8"),
         ({"executor": {"kind": "kubernetes"}}, "executor.kind"),
         ({"executor": {"gpus": 2}}, "unknown key executor.gpus"),

@@ -211,3 +211,15 @@ def test_autocast_dtype_per_device(monkeypatch):
     assert autocast_dtype("cuda:1") is torch.float16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert autocast_dtype("cuda") is None
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_cpu_bf16_auto_follows_the_cpus_bf16_instructions(monkeypatch, has_bf16):
+    import sepnet.core.inference as inference
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert inference.cpu_has_bf16() is has_bf16
+    assert autocast_dtype("cpu", cpu_bf16="auto") is (torch.bfloat16 if has_bf16 else None)
+    assert autocast_dtype("cpu", cpu_bf16=True) is torch.bfloat16  # explicit settings win
+    assert autocast_dtype("cpu", cpu_bf16=False) is None
