@@ -96,11 +96,11 @@ class ExecutorConfig:
 
 
 def peak_rss_gib() -> float:
-    """This process's peak resident memory so far, GiB (``getrusage`` ru_maxrss: KiB on Linux, bytes on macOS).
-
-    Jobs print it in their last line, so the job logs (and the paper-scale memory table) hold it."""
+    """Peak resident memory of this job's largest process so far, GiB: this process or the largest child
+    it waited for (a preprocessing worker, a data-loader worker); ``getrusage`` ru_maxrss is KiB on Linux,
+    bytes on macOS. Jobs print it in their last line, so the job logs hold it."""
     import resource
     import sys
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return rss / 2**30 if sys.platform == "darwin" else rss / 2**20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import cloudpickle
@@ -212,3 +213,13 @@ def test_rendezvous_timeout_is_one_line_error_not_a_hang(monkeypatch, rank):
     msg = str(info.value)
     assert "\n" not in msg and f"rank {rank}/2" in msg and f"127.0.0.1:{port}" in msg and "within 2 s" in msg
     assert not dist.is_initialized()
+
+
+def test_peak_rss_is_that_of_the_jobs_largest_process():
+    """A job's peak RSS line counts a child it waited for (a preprocessing worker) when that is the largest."""
+    alloc = "b = bytearray(400 * 2**20); b[::4096] = b'x' * len(range(0, len(b), 4096))"
+    probe = ("import subprocess, sys; from sepnet.hpc.resources import peak_rss_gib; a = peak_rss_gib(); "
+             f"subprocess.run([sys.executable, '-c', {alloc!r}], check=True); print(a, peak_rss_gib())")
+    before, after = map(float, subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,
+                                               text=True).stdout.split())
+    assert before < 0.3 and 0.39 < after < 0.6, (before, after)
