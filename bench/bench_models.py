@@ -8,7 +8,8 @@ of a 2048x2048 float32 matmul measured in the same alternation, and peak residen
 SepNet's conv2d fast path (opt-in: build(..., fast=True)) is compared with the same weights as plain ``nn.Conv3d``
 (``to_plain_conv3d``), outputs checked equal to float tolerance. GPU figures (AMP) where CUDA exists.
 
-Run: ``.venv/bin/python bench/bench_models.py [--quick]``.
+Run: ``.venv/bin/python bench/bench_models.py [--quick]``; the paper-size memory table:
+``bench/bench_models.py --memory-only --base 24 --patch 16,128,128 --models sepnet,sepnet+ckpt,unet3d``.
 """
 
 from __future__ import annotations
@@ -46,14 +47,15 @@ def _step_fn(model, x, y, opt, *, amp=False):
     return step
 
 
-def _setup(name, cfg, device="cpu", plain=False):
+def _setup(name, cfg, device="cpu", plain=False, ckpt=False):
     import torch
 
-    from sepnet.core.networks import build, to_plain_conv3d
+    from sepnet.core.networks import build, set_checkpointing, to_plain_conv3d
 
     model = build(name, in_channels=1, num_classes=23, base=cfg["base"], seed=0, fast=not plain)
     if plain:
         model = to_plain_conv3d(model)
+    set_checkpointing(model, ckpt)
     model = model.to(device)
     g = torch.Generator().manual_seed(0)
     x = torch.rand((cfg["batch"], 1) + cfg["patch"], generator=g).to(device)
@@ -70,16 +72,42 @@ def _rss_mib() -> float:
 
 
 def child(name: str, args) -> None:
-    """Subprocess: RSS after building, peak RSS over one training step (MiB), printed as JSON."""
+    """Subprocess: RSS after building, peak RSS over two training steps (MiB) and the second step's
+    seconds, printed as JSON. ``name`` + "+plain": plain Conv3d; + "+ckpt": checkpointed blocks."""
+    import time
+
     import torch
 
     torch.set_num_threads(args.threads)
     cfg = _cfg(args)
-    model, x, y, opt = _setup(name.removesuffix("+plain"), cfg, plain=name.endswith("+plain"))
+    base = name.removesuffix("+plain").removesuffix("+ckpt")
+    model, x, y, opt = _setup(base, cfg, plain=name.endswith("+plain"), ckpt=name.endswith("+ckpt"))
     before = _rss_mib()
-    _step_fn(model, x, y, opt)()
+    step = _step_fn(model, x, y, opt)
+    step()  # Adam's state is allocated in the first step
+    t0 = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"before": before, "peak": peak}))
+    print(json.dumps({"before": before, "peak": peak, "seconds": seconds}))
+
+
+def memory_table(args) -> None:
+    """``--memory-only``: one subprocess per model (names may end in +ckpt or +plain): peak RSS and the
+    step time, against the plain 3D U-Net's."""
+    cfg = _cfg(args)
+    print(f"Input (B, C, Z, Y, X) = ({cfg['batch']}, 1, {', '.join(map(str, cfg['patch']))}), base {cfg['base']}, "
+          "23 classes, Adam; one subprocess per model, two steps, the second timed.\n")
+    res = {}
+    for n in [m for m in args.models.split(",") if m]:
+        cmd = [sys.executable, __file__, "--child", n, "--threads", str(args.threads), "--base", str(cfg["base"]),
+               "--patch", ",".join(map(str, cfg["patch"])), "--batch", str(cfg["batch"])]
+        res[n] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    u = res.get("unet3d")
+    rows = [[n, r["seconds"], r["seconds"] / u["seconds"] if u else float("nan"), r["peak"] - r["before"],
+             r["peak"], r["peak"] / u["peak"] if u else float("nan")] for n, r in res.items()]
+    table(["model", "step s", "x unet3d time", "step peak RSS increase MiB", "peak RSS MiB", "x unet3d peak RSS"],
+          rows)
 
 
 def flops(name, cfg, plain=False) -> int:
@@ -99,9 +127,14 @@ def main() -> None:
     p.add_argument("--base", type=int, default=12)
     p.add_argument("--patch", default="16,64,64", help="z,y,x voxels")
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--memory-only", action="store_true", help="only peak RSS and step time per model (+ckpt ok)")
     args = p.parse_args()
     if args.child:
         child(args.child, args)
+        return
+    if args.memory_only:
+        header("Models: peak memory of a training step", args)
+        memory_table(args)
         return
     set_threads(args)
     import torch

@@ -48,6 +48,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 NETWORKS: tuple[str, ...] = ("sepnet", "sepnet_se", "unet3d", "unet3d_res", "unet3d_se")
@@ -230,6 +231,7 @@ class _EncDec(nn.Module):
     """Shared 4-level encoder/decoder skeleton: enc[0..2], bottleneck (sequence), dec[0..2] (deepest first)."""
 
     channels_last = False
+    checkpoint_blocks = False  # set by set_checkpointing
 
     def __init__(self, enc, bottleneck, dec, head_in: int, num_classes: int, fast: bool):
         super().__init__()
@@ -245,13 +247,21 @@ class _EncDec(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last_3d)
         skips = []
         for block in self.enc:
-            x = block(x)
+            x = self._block(block, x)
             skips.append(x)
             x = F.max_pool3d(x, 2)
-        x = self.bottleneck(x)
+        for block in self.bottleneck:
+            x = self._block(block, x)
         for block, skip in zip(self.dec, reversed(skips)):
-            x = block(torch.cat([_up(x), skip], dim=1))
+            x = self._block(block, torch.cat([_up(x), skip], dim=1))
         return self.head(self.head_dropout(x)).contiguous()
+
+    def _block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``block(x)``; under :func:`set_checkpointing` (training with gradients) its activations are not
+        kept but recomputed in the backward pass (one more forward of the block, far less memory)."""
+        if self.checkpoint_blocks and torch.is_grad_enabled() and not isinstance(block, nn.Dropout):
+            return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return block(x)
 
     def _fast(self) -> bool:
         return self.head.fast
@@ -384,6 +394,16 @@ def set_channels_last(model: nn.Module, flag: bool) -> nn.Module:
             for conv in m.modules():
                 if isinstance(conv, AxisConv3d):
                     conv.channels_last = flag and conv is not m.head
+    return model
+
+
+def set_checkpointing(model: nn.Module, flag: bool) -> nn.Module:
+    """Activation checkpointing per block (``torch.utils.checkpoint``, non-reentrant) on or off: the
+    gradients are the same, a block's intermediate activations are recomputed in the backward pass instead
+    of stored (SepNet keeps ~11 full-size tensors per block, a 3D U-Net block 4)."""
+    for m in model.modules():
+        if isinstance(m, _EncDec):
+            m.checkpoint_blocks = bool(flag)
     return model
 
 

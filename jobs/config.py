@@ -98,6 +98,7 @@ class TrainingConfig:
     amp: bool = True  # CUDA mixed precision (bf16 on sm80+, else fp16 with a grad scaler)
     cpu_bf16: bool | Literal["auto"] = False  # bf16 autocast on the CPU (training and its validation); auto:
     # where the CPU has bf16 instructions. Off: it cost the 3D-UNets Dice (docs/benchmarks.md, section 7)
+    checkpoint_blocks: bool = False  # recompute each block's activations in backward: less memory, more time
     grad_accum: int = 1
     num_workers: int = 2
     seed: int = 0

@@ -169,12 +169,13 @@ def _build(spec: TrainSpec, env: ddp.DistEnv, *, t0: float) -> _Run:
     is part of the bit-identical-resume contract.
     """
     from sepnet.core.losses import build_loss
-    from sepnet.core.networks import build
+    from sepnet.core.networks import build, set_checkpointing
     from sepnet.data.store import Store
 
     tr, device = spec.training, env.device
     model = build(spec.member.network, in_channels=len(spec.channels), num_classes=spec.num_classes,
                   base=spec.base, separable_axis=spec.member.separable_axis, seed=tr.seed).to(device)
+    set_checkpointing(model, tr.checkpoint_blocks)
     optimizer = torch.optim.Adam(model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
     amp_dtype = autocast_dtype(device, cuda=tr.amp, cpu_bf16=tr.cpu_bf16)
     run = _Run(
