@@ -8,8 +8,8 @@ of a 2048x2048 float32 matmul measured in the same alternation, and peak residen
 SepNet's conv2d fast path (opt-in: build(..., fast=True)) is compared with the same weights as plain ``nn.Conv3d``
 (``to_plain_conv3d``), outputs checked equal to float tolerance. GPU figures (AMP) where CUDA exists.
 
-Run: ``.venv/bin/python bench/bench_models.py [--quick]``; the paper-size memory table:
-``bench/bench_models.py --memory-only --base 24 --patch 16,128,128 --models sepnet,sepnet+ckpt,unet3d``.
+Run: ``.venv/bin/python bench/bench_models.py [--quick]``; the paper-size memory table: ``bench/bench_models.py
+--memory-only --base 24 --patch 16,128,128 --models sepnet+plain,sepnet+plain+ckpt,unet3d+plain``.
 """
 
 from __future__ import annotations
@@ -73,15 +73,16 @@ def _rss_mib() -> float:
 
 def child(name: str, args) -> None:
     """Subprocess: RSS after building, peak RSS over two training steps (MiB) and the second step's
-    seconds, printed as JSON. ``name`` + "+plain": plain Conv3d; + "+ckpt": checkpointed blocks."""
+    seconds, printed as JSON. ``name`` + "+plain": plain Conv3d (the training default); + "+ckpt":
+    checkpointed blocks (both may be given)."""
     import time
 
     import torch
 
     torch.set_num_threads(args.threads)
     cfg = _cfg(args)
-    base = name.removesuffix("+plain").removesuffix("+ckpt")
-    model, x, y, opt = _setup(base, cfg, plain=name.endswith("+plain"), ckpt=name.endswith("+ckpt"))
+    base, *flags = name.split("+")
+    model, x, y, opt = _setup(base, cfg, plain="plain" in flags, ckpt="ckpt" in flags)
     before = _rss_mib()
     step = _step_fn(model, x, y, opt)
     step()  # Adam's state is allocated in the first step
@@ -103,7 +104,7 @@ def memory_table(args) -> None:
         cmd = [sys.executable, __file__, "--child", n, "--threads", str(args.threads), "--base", str(cfg["base"]),
                "--patch", ",".join(map(str, cfg["patch"])), "--batch", str(cfg["batch"])]
         res[n] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-    u = res.get("unet3d")
+    u = res.get("unet3d") or res.get("unet3d+plain")
     rows = [[n, r["seconds"], r["seconds"] / u["seconds"] if u else float("nan"), r["peak"] - r["before"],
              r["peak"], r["peak"] / u["peak"] if u else float("nan")] for n, r in res.items()]
     table(["model", "step s", "x unet3d time", "step peak RSS increase MiB", "peak RSS MiB", "x unet3d peak RSS"],
