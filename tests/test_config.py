@@ -179,3 +179,18 @@ def test_organs_default_and_choice():
     assert config_from_dict(minimal(organs="common7")).subset.class_names[-1] == "Mandible"
     with pytest.raises(ConfigError, match="organs: unknown organ subset"):
         config_from_dict(minimal(organs="all"))
+
+
+def test_paperscale_smoke_keeps_the_paper_configs_arrays_models_and_windows():
+    """configs/paperscale-smoke.yaml may change data, folds, iterations, executor and validation, never what
+    gives the arrays their shapes or the study its models (the issue's contract for the smoke)."""
+    root = Path(__file__).resolve().parent.parent / "configs"
+    paper = yaml.safe_load((root / "structseg2019.yaml").read_text())
+    smoke = yaml.safe_load((root / "paperscale-smoke.yaml").read_text())
+    for section, keys in {"preprocess": ("transforms", "crop", "chunks"), "training": ("base", "patch", "lr"),
+                          "inference": ("overlap", "tta", "patch")}.items():
+        for k in keys:
+            assert smoke[section].get(k) == paper[section].get(k), f"{section}.{k}"
+    for key in ("members", "baselines", "ensemble"):
+        assert smoke[key] == paper[key], key
+    assert smoke["evaluation"]["hd_convention"] == paper["evaluation"]["hd_convention"]
