@@ -259,9 +259,13 @@ class _EncDec(nn.Module):
     def _block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``block(x)``; under :func:`set_checkpointing` (training with gradients) its activations are not
         kept but recomputed in the backward pass (one more forward of the block, far less memory)."""
-        if self.checkpoint_blocks and torch.is_grad_enabled() and not isinstance(block, nn.Dropout):
-            return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-        return block(x)
+        if not (self.checkpoint_blocks and torch.is_grad_enabled()) or isinstance(block, nn.Dropout):
+            return block(x)
+        if isinstance(block, nn.Sequential):  # one block at a time: the backward recomputes one, not two
+            for b in block:
+                x = self._block(b, x)
+            return x
+        return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
 
     def _fast(self) -> bool:
         return self.head.fast
