@@ -136,6 +136,8 @@ class EnsembleConfig:
 class EvaluationConfig:
     hd_convention: str = "max"  # a ``sepnet.evaluation.metrics.CONVENTIONS`` name
     percentile: float = 95.0
+    fan_out: bool = False  # per fold: one "infer" job per model, then one "fuse" job on their saved outputs
+    keep_outputs: bool = False  # fan_out: keep eval/fold<F>/outputs/ after the fuse job (else removed)
 
 
 @dataclass

@@ -70,6 +70,12 @@ class PlannedJob:
     done: bool = False
     after: list[str] = field(default_factory=list)
 
+    @property
+    def job(self) -> str:
+        """What the job does, the first part of its name: preprocess, train, evaluate, report, and with
+        ``evaluation.fan_out`` infer and fuse (both of the evaluate stage)."""
+        return self.name.split("/")[0]
+
 
 def check_writable(root: Path) -> None:
     try:
@@ -83,7 +89,11 @@ def check_writable(root: Path) -> None:
 
 def plan_jobs(cfg: StudyConfig, folds: list[dict], fold_ids: list[int], *, shards: int = 1,
               data_ready: bool = True) -> list[PlannedJob]:
-    """The study's jobs in graph order. shards: preprocessing jobs; data_ready: the store is up to date."""
+    """The study's jobs in graph order. shards: preprocessing jobs; data_ready: the store is up to date.
+    ``evaluation.fan_out``: per fold an ``infer/fold<F>/<model>`` job after each training and a
+    ``fuse/fold<F>`` after those, instead of ``evaluate/fold<F>``."""
+    from sepnet.jobs.evaluate import outputs_dir
+
     layout = Layout(Path(cfg.root))
     jobs = [PlannedJob("preprocess", f"preprocess/shard{i}", done=data_ready) for i in range(shards)]
     pre = [j.name for j in jobs]
@@ -94,11 +104,19 @@ def plan_jobs(cfg: StudyConfig, folds: list[dict], fold_ids: list[int], *, shard
             names.append(name)
             jobs.append(PlannedJob("train", name, fold=f, model=m.name, done=layout.trained(f, m.name),
                                    after=list(pre)))
-        jobs.append(PlannedJob("evaluate", f"evaluate/fold{f}", fold=f, done=layout.evaluated(f), after=names))
+        evaluated = layout.evaluated(f)
+        if cfg.evaluation.fan_out:  # one job per model, all after the fold's trainings: one SLURM array
+            infer = [PlannedJob("evaluate", f"infer/fold{f}/{m.name}", fold=f, model=m.name, after=list(names),
+                                done=evaluated or (outputs_dir(layout.eval_dir(f), m.name) / "done.json").is_file())
+                     for m in cfg.models()]
+            jobs += infer
+            names = [j.name for j in infer]
+        jobs.append(PlannedJob("evaluate", f"{'fuse' if cfg.evaluation.fan_out else 'evaluate'}/fold{f}", fold=f,
+                               done=evaluated, after=names))
     jobs.append(
         PlannedJob(
             "report", "report", done=layout.reported() and all(j.done for j in jobs),
-            after=[j.name for j in jobs if j.kind == "evaluate"],
+            after=[j.name for j in jobs if j.job in ("evaluate", "fuse")],
         )
     )
     return jobs
@@ -142,7 +160,8 @@ def describe_plan(cfg: StudyConfig, folds: list[dict], fold_ids: list[int], jobs
         for j in jobs:
             if j.fold == f:
                 lines.append(f"  [{'done' if j.done else 'todo'}] {j.name}" + (
-                    f"  (after {len(j.after)} trainings)" if j.kind == "evaluate" else
+                    f"  (after {len(j.after)} trainings)" if j.job in ("evaluate", "infer") else
+                    f"  (after {len(j.after)} infer jobs)" if j.job == "fuse" else
                     f"  (after {len(j.after)} preprocess job(s))" if j.after else ""))
     rep = jobs[-1]
     lines.append(f"[{'done' if rep.done else 'todo'}] report  (after {len(rep.after)} evaluations)")

@@ -13,9 +13,21 @@ i.e. what ``sepnet predict`` gives, and vote-entropy maps in the original geomet
 and one summary line per model (weighted Dice, weighted HD95 with the missed organs beside it).
 
 Cases are read with ``Store.read_checked`` (a damaged case is a DataError naming it). Each case goes
-through ``sepnet.jobs.models.run_ensemble``, the inference path ``sepnet predict`` uses; its class
-indices become StructSeg ids (``to_organ_ids``) and a model on an organ subset is evaluated on that
-subset's organs only, against the reference as the subset sees it (``subset_reference``).
+through ``sepnet.jobs.models.fuse_outputs``, the fusion of ``run_ensemble`` (the inference path ``sepnet
+predict`` uses), on the models' outputs computed now (``ComputedOutputs``) or saved by a fan-out's infer
+jobs (:class:`SavedOutputs`); its class indices become StructSeg ids (``to_organ_ids``) and a model on
+an organ subset is evaluated on that subset's organs only, against the reference as the subset sees it
+(``subset_reference``).
+
+Fan-out (``evaluation.fan_out: true``): the fold's evaluation is split into one :class:`InferTask` per
+model (``infer/fold<F>/<model>``, side by side, e.g. a SLURM array) and one fusion job
+(``fuse/fold<F>``: ``EvalTask`` reading :class:`SavedOutputs` instead of running the networks). An infer
+job saves per case ``<root>/eval/fold<F>/outputs/<model>/<case>.zarr``: a member's probabilities
+(K, Z, Y, X) float16 on the stored grid (the val cases too: the postprocessing decision needs them), a
+baseline's labels (Z, Y, X) uint8 (test cases only); each written under a temporary name and renamed,
+so a rerun skips the cases already there; ``done.json`` of the model last. The fuse job loads one
+member's probabilities at a time into the accumulator; ``outputs/`` is removed after the fold's
+done.json unless ``evaluation.keep_outputs``.
 
 ``sepnet evaluate --pred DIR --ref DIR`` compares label files (NIfTI/NRRD) case by case.
 """
@@ -29,6 +41,7 @@ import io
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +50,8 @@ import numpy as np
 import torch
 
 from sepnet.core.errors import DataError
-from sepnet.hpc.atomic import atomic_write_json, atomic_write_text
+from sepnet.hpc.atomic import atomic_write_json, atomic_write_text, replace_dir, temp_path
+from sepnet.hpc.resources import peak_rss_gib
 from sepnet.jobs.config import EnsembleConfig, EvaluationConfig, InferenceConfig, StudyConfig, stage_executor
 from sepnet.jobs.study import Layout
 
@@ -45,6 +59,9 @@ log = logging.getLogger("sepnet.evaluate")
 
 PP_MODEL = "ensemble+pp"  # the ensemble after the fold's postprocessing (a report column, never in a claim)
 POSTPROCESS_FILE = "postprocess.json"
+OUTPUTS = "outputs"  # eval/fold<F>/outputs/<model>/<case>.zarr: what a fan-out's infer jobs saved
+OUTPUT_DTYPE = "float16"  # saved member probabilities (docs: float16 vs float32 measured on the phantom)
+OUTPUT_CHUNKS = (16, 128, 128)  # (z, y, x) of a saved output's chunks; probabilities: (K, 16, 128, 128)
 
 METRIC_FIELDS = ["fold", "model", "case", "organ", "name", "dice", "hd95", "assd", "vol_pred_cm3",
                  "vol_ref_cm3", "flag"]
@@ -139,6 +156,81 @@ def _read_case(store, case: str, models) -> _Case:
     return _Case(meta=store.meta(case), image_of=image_of, ref=ref)
 
 
+def outputs_dir(eval_dir: Path, model: str) -> Path:
+    """Where a fan-out's infer job of ``model`` saves its outputs (one ``<case>.zarr`` each, done.json last)."""
+    return Path(eval_dir) / OUTPUTS / model
+
+
+def _model_digest(model_dir: Path) -> str:
+    """sha256 of the model's done.json: a retrained model (a new done.json) does not match outputs saved
+    from the old one."""
+    import hashlib
+
+    return hashlib.sha256((Path(model_dir) / "done.json").read_bytes()).hexdigest()
+
+
+def save_output(path: Path, values, *, attrs: dict) -> int:
+    """Write ``values`` (K, Z, Y, X) probabilities (saved as ``OUTPUT_DTYPE``) or (Z, Y, X) uint8 labels, torch
+    or numpy, as one Zarr array (Blosc zstd, chunks ``OUTPUT_CHUNKS`` over all K) at ``path``: written
+    under the temporary name of ``sepnet.hpc.atomic`` and renamed, so ``path`` exists only complete.
+    Slabs of one chunk depth are converted at a time (no float16 copy of the whole volume). Returns bytes."""
+    import zarr
+
+    from sepnet.data.preprocess import _codecs
+
+    values = values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    probs = values.ndim == 4
+    dtype = OUTPUT_DTYPE if probs else "uint8"
+    zyx = tuple(min(c, n) for c, n in zip(OUTPUT_CHUNKS, values.shape[-3:]))
+    tmp = temp_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        arr = zarr.create_array(tmp, shape=values.shape, dtype=dtype, chunks=(values.shape[0], *zyx) if probs else zyx,
+                                compressors=_codecs("zstd", 3), fill_value=0, attributes=attrs)
+        for z0 in range(0, values.shape[-3], zyx[0]):
+            arr[..., z0:z0 + zyx[0], :, :] = values[..., z0:z0 + zyx[0], :, :].astype(dtype)
+        size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return size
+
+
+@dataclass
+class SavedOutputs:
+    """``jobs.models.ModelOutputs`` read back from a fan-out's infer jobs for one case: ``folder`` the
+    fold's ``outputs/``, ``shape`` the case's stored (Z, Y, X). A missing, unreadable or misshapen output
+    is a DataError naming its file."""
+
+    folder: Path
+    case: str
+    shape: tuple[int, ...]
+
+    def _read(self, model, *, kind: str) -> np.ndarray:
+        import zarr
+
+        path = Path(self.folder) / model.name / f"{self.case}.zarr"
+        if not path.is_dir():
+            raise DataError(f"{path}: missing (rerun `sepnet cv`: the infer job of {model.name} writes it)")
+        want = (model.spec.num_classes, *self.shape) if kind == "probabilities" else tuple(self.shape)
+        try:
+            arr = zarr.open_array(path, mode="r")
+            if arr.attrs.get("kind") != kind or tuple(arr.shape) != want:
+                raise DataError(f"{path}: holds {arr.attrs.get('kind')} {tuple(arr.shape)}, expected {kind} {want}")
+            return arr[...]
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a truncated or altered chunk: name the file
+            raise DataError(f"{path}: cannot be read ({type(e).__name__}: {e}); rerun `sepnet cv`") from None
+
+    def probabilities(self, model) -> np.ndarray:
+        """(K, Z, Y, X) float16 as saved: the accumulator widens one class at a time (no float32 copy)."""
+        return self._read(model, kind="probabilities")
+
+    def labels(self, model) -> np.ndarray:
+        return np.asarray(self._read(model, kind="labels"), dtype=np.uint8)
+
+
 def _mean_dice(metrics: list) -> float:
     vals = [m.dice for m in metrics if m.flag.value != "not_annotated" and math.isfinite(m.dice)]
     return float(np.mean(vals)) if vals else float("nan")
@@ -160,12 +252,14 @@ class EvalTask:
     def __call__(self) -> dict:
         s = self.spec
         layout = Layout(Path(s.study_root))
-        if layout.evaluated(s.fold):
-            return json.loads((layout.eval_dir(s.fold) / "done.json").read_text())
-        if s.threads:
-            torch.set_num_threads(s.threads)
-        with torch.no_grad():  # a context, not set_grad_enabled: debug jobs share this process
-            return self._evaluate(layout)
+        if not layout.evaluated(s.fold):
+            if s.threads:
+                torch.set_num_threads(s.threads)
+            with torch.no_grad():  # a context, not set_grad_enabled: debug jobs share this process
+                self._evaluate(layout)
+        if s.evaluation.fan_out and not s.evaluation.keep_outputs:  # also after a kill between the two
+            shutil.rmtree(layout.eval_dir(s.fold) / OUTPUTS, ignore_errors=True)
+        return json.loads((layout.eval_dir(s.fold) / "done.json").read_text())
 
     def _evaluate(self, layout: Layout) -> dict:
         from sepnet.data.store import Store
@@ -178,6 +272,8 @@ class EvalTask:
         members = [models[n] for n in s.members]
         others = [m for n, m in models.items() if n not in s.members]
         weights = ensemble_weights(members, s.ensemble)
+        if s.evaluation.fan_out:
+            self._check_outputs(layout, out)
         decision = self._decide_postprocessing(store, members, weights, out=out)
         res = _Results(by_model={name: {} for name in [*models, "ensemble", PP_MODEL]})
         for ci, case in enumerate(s.test_cases):
@@ -186,20 +282,41 @@ class EvalTask:
         done = self._write(out, models, members, weights, res, seconds=time.time() - t0)
         for name, summary in done["summary"].items():
             print(f"fold {s.fold} {summary_line(name, summary)}", flush=True)
+        print(f"evaluate fold{s.fold}: {len(s.test_cases)} test case(s) in {done['seconds']:.0f} s, "
+              f"peak RSS {peak_rss_gib():.2f} GiB", flush=True)
         return done
+
+    def _check_outputs(self, layout: Layout, out: Path) -> None:
+        """Every model's infer job finished (its done.json), on the model as it is now (DataError otherwise)."""
+        for name in self.spec.models:
+            done = outputs_dir(out, name) / "done.json"
+            if not done.is_file():
+                raise DataError(f"{done}: missing: the infer job of {name} has not finished; rerun `sepnet cv`")
+            digest = _model_digest(layout.model_dir(self.spec.fold, name))
+            if json.loads(done.read_text()).get("model_digest") != digest:
+                raise DataError(f"{done.parent}: saved from another training of {name}; remove it and rerun "
+                                "`sepnet cv`")
+
+    def _outputs(self, case: str, c: _Case, *, out: Path):
+        """The models' outputs on ``case``: saved by the infer jobs (fan-out), else computed now."""
+        from sepnet.jobs.models import ComputedOutputs
+
+        if self.spec.evaluation.fan_out:
+            return SavedOutputs(out / OUTPUTS, case=case, shape=tuple(c.meta.stored_shape))
+        return ComputedOutputs(c.image_of, inference=self.spec.inference, device=_device())
 
     def _decide_postprocessing(self, store, members, weights, *, out: Path):
         """Predict the fold's validation cases with the ensemble (one pass, the test cases' settings),
         choose keep-largest-component per organ (``choose_postprocessing``), write postprocess.json."""
         from sepnet.core.postprocess import choose_postprocessing
-        from sepnet.jobs.models import run_ensemble, subset_annotated, subset_reference, to_organ_ids
+        from sepnet.jobs.models import fuse_outputs, subset_annotated, subset_reference, to_organ_ids
 
         s, subset = self.spec, members[0].spec.subset
         preds, refs, annotated = [], [], []
         for case in s.val_cases:
             t0 = time.time()
             c = _read_case(store, case, members)
-            ens = run_ensemble(c.image_of, members, weights, inference=s.inference, device=_device())
+            ens = fuse_outputs(self._outputs(case, c, out=out), members, weights)
             preds.append(to_organ_ids(ens.labels, subset))
             refs.append(subset_reference(c.ref, subset))
             annotated.append(subset_annotated(c.meta.annotated, subset))
@@ -216,11 +333,11 @@ class EvalTask:
         from sepnet.core.postprocess import apply_postprocessing
         from sepnet.evaluation.metrics import evaluate_case
         from sepnet.evaluation.uncertainty import error_counts
-        from sepnet.jobs.models import run_ensemble, subset_annotated, subset_reference, to_organ_ids
+        from sepnet.jobs.models import fuse_outputs, subset_annotated, subset_reference, to_organ_ids
 
         s, t0 = self.spec, time.time()
         c = _read_case(store, case, [*members, *others])
-        ens = run_ensemble(c.image_of, members, weights, inference=s.inference, device=_device(), others=others)
+        ens = fuse_outputs(self._outputs(case, c, out=out), members, weights, others=others)
 
         def metrics(organ_labels: np.ndarray, subset) -> list:
             # only the organs of the model's subset, against the reference as that subset sees it
@@ -371,6 +488,66 @@ class EvalTask:
             log.warning("fold %d: MLflow ensemble params not logged (%s)", self.spec.fold, e)
 
 
+class InferTask:
+    """Callable for submitit: one model of a fan-out evaluation (``infer/fold<F>/<model>``). Runs the model
+    on the fold's cases (a member: validation and test cases; a baseline: test cases) and saves each
+    (:func:`save_output`: a member's float16 probabilities, a baseline's uint8 labels) into
+    :func:`outputs_dir`, then ``done.json``. Resumable: the cases already saved are skipped; returns at
+    once when the model's done.json or the fold's evaluation exists."""
+
+    def __init__(self, spec: EvalSpec, *, model: str):
+        self.spec = spec
+        self.model = model
+
+    def __call__(self) -> dict:
+        s = self.spec
+        layout = Layout(Path(s.study_root))
+        folder = outputs_dir(layout.eval_dir(s.fold), self.model)
+        if layout.evaluated(s.fold):  # fused already (its outputs may be gone)
+            return {"fold": s.fold, "model": self.model, "fused": True}
+        if (folder / "done.json").is_file():
+            return json.loads((folder / "done.json").read_text())
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        with torch.no_grad():
+            return self._infer(layout, folder)
+
+    def _infer(self, layout: Layout, folder: Path) -> dict:
+        from sepnet.data.store import Store
+        from sepnet.jobs.models import ComputedOutputs, load_trained
+
+        s, t0 = self.spec, time.time()
+        model_dir = layout.model_dir(s.fold, self.model)
+        model, store = load_trained(model_dir), Store(s.store)
+        member = self.model in s.members
+        # only this job writes this folder: temporaries left by a killed run of it are garbage
+        for tmp in folder.glob(".*.tmp-*") if folder.is_dir() else ():
+            shutil.rmtree(tmp, ignore_errors=True)
+        cases = [*s.val_cases, *s.test_cases] if member else list(s.test_cases)
+        written = 0
+        for case in cases:
+            path, tc = folder / f"{case}.zarr", time.time()
+            if path.is_dir():
+                print(f"infer fold{s.fold}/{self.model} case {case}: already saved", flush=True)
+                continue
+            c = _read_case(store, case, [model])
+            outputs = ComputedOutputs(c.image_of, inference=s.inference, device=_device())
+            kind = "probabilities" if member else "labels"
+            values = outputs.probabilities(model) if member else outputs.labels(model)
+            size = save_output(path, values, attrs={"kind": kind, "model": self.model, "case": case, "fold": s.fold})
+            del values
+            written += 1
+            print(f"infer fold{s.fold}/{self.model} case {case}: {time.time() - tc:.1f} s, {kind} "
+                  f"{size / 1e6:.2f} MB", flush=True)
+        done = {"fold": s.fold, "model": self.model, "kind": "probabilities" if member else "labels",
+                "dtype": OUTPUT_DTYPE if member else "uint8", "cases": cases, "written": written,
+                "model_digest": _model_digest(model_dir), "seconds": time.time() - t0}
+        atomic_write_json(folder / "done.json", done)
+        print(f"infer fold{s.fold}/{self.model}: {len(cases)} case(s) in {done['seconds']:.0f} s, "
+              f"peak RSS {peak_rss_gib():.2f} GiB", flush=True)
+        return done
+
+
 def model_run_key(study: str, fold: int, model: str) -> str:
     return f"{study}/fold{fold}/{model}"
 
@@ -452,5 +629,5 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-__all__ = ["PP_MODEL", "POSTPROCESS_FILE", "EvalSpec", "EvalTask", "make_eval_spec", "model_run_key",
-           "study_inference", "summary_line"]
+__all__ = ["PP_MODEL", "POSTPROCESS_FILE", "OUTPUTS", "EvalSpec", "EvalTask", "InferTask", "SavedOutputs",
+           "make_eval_spec", "model_run_key", "outputs_dir", "save_output", "study_inference", "summary_line"]

@@ -5,8 +5,10 @@ rebuild the network), ``best.pt`` (checkpoint with the ``model`` state dict) and
 (validation Dice per class, training time). :func:`load_trained` reads exactly these three.
 :func:`run_ensemble` is the inference path shared by evaluation and ``sepnet predict``: every model's
 sliding-window probabilities, the members fused one at a time (``core.ensemble.FusionAccumulator``),
-their vote entropy. Its labels are class indices; :func:`to_organ_ids`, :func:`subset_reference` and
-:func:`subset_annotated` bring labels, references and annotations of an organ subset to StructSeg ids.
+their vote entropy; :func:`fuse_outputs` is that fusion for any :class:`ModelOutputs` (computed now, or
+saved by a fan-out evaluation's infer jobs). Its labels are class indices; :func:`to_organ_ids`,
+:func:`subset_reference` and :func:`subset_annotated` bring labels, references and annotations of an
+organ subset to StructSeg ids.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -143,6 +145,33 @@ class EnsembleResult:
     other_labels: list[np.ndarray]
 
 
+class ModelOutputs(Protocol):
+    """Where :func:`fuse_outputs` gets each model's output on one case: computed now
+    (:class:`ComputedOutputs`) or read back from an earlier job (``jobs.evaluate.SavedOutputs``)."""
+
+    def probabilities(self, model: TrainedModel):
+        """(K, Z, Y, X) float32 probabilities of a member (torch or numpy), one model's worth of memory."""
+
+    def labels(self, model: TrainedModel) -> np.ndarray:
+        """(Z, Y, X) uint8 hard labels (class indices) of a non-member model."""
+
+
+@dataclass
+class ComputedOutputs:
+    """The models run now: ``image_of(channels) -> (C, Z, Y, X) float32`` is the case's input,
+    :meth:`TrainedModel.probabilities` with ``inference`` on ``device``."""
+
+    image_of: Callable[[tuple[str, ...]], np.ndarray]
+    inference: InferenceConfig
+    device: torch.device
+
+    def probabilities(self, model: TrainedModel) -> torch.Tensor:
+        return model.probabilities(self.image_of(model.channels), inference=self.inference, device=self.device)
+
+    def labels(self, model: TrainedModel) -> np.ndarray:
+        return hard_labels(self.probabilities(model))
+
+
 def run_ensemble(image_of: Callable[[tuple[str, ...]], np.ndarray], members: Sequence[TrainedModel],
                  weights: np.ndarray, *, inference: InferenceConfig, device: torch.device,
                  others: Sequence[TrainedModel] = ()) -> EnsembleResult:
@@ -153,18 +182,24 @@ def run_ensemble(image_of: Callable[[tuple[str, ...]], np.ndarray], members: Seq
     22 organs): callers map them with :func:`to_organ_ids`. The members must share one subset.
     Memory: one model's (K, Z, Y, X) probabilities at a time plus the float64 fused sum.
     """
+    return fuse_outputs(ComputedOutputs(image_of, inference=inference, device=device), members, weights, others=others)
+
+
+def fuse_outputs(outputs: ModelOutputs, members: Sequence[TrainedModel], weights: np.ndarray, *,
+                 others: Sequence[TrainedModel] = ()) -> EnsembleResult:
+    """The one fusion of an ensemble on one case, whatever ``outputs`` the probabilities come from:
+    each member's (K, Z, Y, X) probabilities added to the ``FusionAccumulator`` (weights (N, K)) and
+    dropped before the next one is asked for, then the vote entropy; the ``others``' uint8 labels.
+    Memory: one member's probabilities plus the float64 fused sum and the N uint8 label maps."""
     classes = {(m.spec.num_classes, m.spec.organ_ids) for m in members}
     if len(classes) > 1:
         raise DataError(f"ensemble: members predict different classes ({', '.join(m.name for m in members)})")
     acc = FusionAccumulator(weights)
-    other_labels = []
-    for i, model in enumerate([*members, *others]):
-        probs = model.probabilities(image_of(model.channels), inference=inference, device=device)
-        if i < len(members):
-            acc.add(i, probs)
-        else:
-            other_labels.append(hard_labels(probs))
-        del probs
+    for i, model in enumerate(members):
+        probs = outputs.probabilities(model)
+        acc.add(i, probs)
+        del probs  # before the next member's are made or read: never two members' probabilities at once
+    other_labels = [outputs.labels(model) for model in others]
     stack = acc.member_labels
     return EnsembleResult(labels=acc.labels(), member_labels=stack, entropy=vote_entropy(stack).astype(np.float32),
                           other_labels=other_labels)

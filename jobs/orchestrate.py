@@ -1,11 +1,14 @@
 """A study's job graph: which jobs, on which executor, in which order; run by ``sepnet.hpc.scheduling``.
 
 The graph: the preprocessing shards, one training per fold x model still to do (after every shard),
-one evaluation per fold after that fold's trainings, one report after the evaluations. Each stage runs
+one evaluation per fold after that fold's trainings (``evaluation.fan_out``: one infer job per fold x
+model after its training, all on the evaluate stage's resources, and one fuse job per fold after the
+fold's infer jobs), one report after the evaluations (or fusions). Each stage runs
 on its own executor (``jobs.config.stage_executor``: the top level, the stage's defaults, then
 ``executor.stages.<stage>``), every one built and checked (``sinfo``) before anything is queued.
 SLURM: everything is queued at once (the shards as one job array, the trainings as another with
-``afterok`` on the shards) and followed with ``sacct`` until all have ended. Local/debug: the
+``afterok`` on the shards, a fold's infer jobs as one array with ``afterok`` on that fold's trainings)
+and followed with ``sacct`` until all have ended. Local/debug: the
 scheduler runs it here, at most ``executor.array_parallelism`` jobs at a time, each fold's
 evaluation starting as soon as its trainings are done. Every submitted job is recorded in
 ``jobs.json`` (``sepnet status``).
@@ -23,7 +26,7 @@ from sepnet.hpc.atomic import atomic_write_json
 from sepnet.hpc.scheduling import GraphJob, GraphRun, follow_slurm, run_graph, submit_graph_slurm
 from sepnet.jobs.config import StudyConfig
 from sepnet.jobs.cv import PlannedJob
-from sepnet.jobs.evaluate import EvalTask, make_eval_spec
+from sepnet.jobs.evaluate import EvalTask, InferTask, make_eval_spec
 from sepnet.jobs.study import Layout
 
 log = logging.getLogger("sepnet.cv")
@@ -166,7 +169,9 @@ def submit_study(cfg: StudyConfig, folds: list[dict], fold_ids: list[int], plann
             if not j.done and data_ready:  # else the store is filled by the preprocess jobs first
                 check_spec(spec)
             tasks[j.name] = TrainTask(spec)
-        elif j.kind == "evaluate":
+        elif j.job == "infer":
+            tasks[j.name] = InferTask(make_eval_spec(cfg, folds, j.fold), model=j.model)
+        elif j.kind == "evaluate":  # evaluate/fold<F>, or fuse/fold<F> (EvalTask on the saved outputs)
             tasks[j.name] = EvalTask(make_eval_spec(cfg, folds, j.fold))
         else:
             tasks[j.name] = ReportTask(cfg=cfg, fold_ids=fold_ids, parent_run_id=runs.get(study_run_keys(cfg)))

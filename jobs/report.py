@@ -99,6 +99,9 @@ class ReportTask:
         path = write_report(results, layout.report, mlflow_runs=self._runs_url())
         self._log(layout.report)
         self._log_ensemble()
+        from sepnet.hpc.resources import peak_rss_gib
+
+        print(f"report: {path}, peak RSS {peak_rss_gib():.2f} GiB", flush=True)
         return str(path)
 
     def _log_ensemble(self) -> None:

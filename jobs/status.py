@@ -1,6 +1,7 @@
 """``sepnet status STUDY``: where each job of a study is (done / running / failed / todo) and the latest
 progress line of its log (training: ``progress ...`` / ``validation ...``; preprocessing and evaluation: one
-line per case, ``preprocess ...`` / ``evaluate ...``).
+line per case, ``preprocess ...`` / ``evaluate ...``; a fan-out's ``infer/fold<F>/<model>`` jobs
+``infer ...``, its ``fuse/fold<F>`` jobs ``evaluate ...``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", help="study folder (the config's root) or the study YAML")
 
 
-PROGRESS_PREFIXES = ("progress ", "validation ", "preprocess ", "evaluate ")  # the lines the jobs write to their logs
+# the lines the jobs write to their logs
+PROGRESS_PREFIXES = ("progress ", "validation ", "preprocess ", "infer ", "evaluate ")
 _TAIL_BYTES = 64 * 1024
 
 
@@ -65,8 +67,8 @@ def study_status(root: Path) -> list[tuple[str, str, str, str]]:
         for fold_dir in sorted(models_dir.iterdir()):
             for mdir in sorted(fold_dir.iterdir()):
                 names.add(f"train/{fold_dir.name}/{mdir.name}")
-    order = {"preprocess": 0, "train": 1}
-    for name in sorted(names, key=lambda n: (order.get(n.split("/")[0], 2), n)):
+    order = {"preprocess": 0, "train": 1, "infer": 2, "evaluate": 3, "fuse": 3}  # graph order
+    for name in sorted(names, key=lambda n: (order.get(n.split("/")[0], 4), n)):
         info = submitted.get(name, {})
         jid = str(info.get("job_id", ""))
         rows.append((name, _state(layout, name, info, slurm), jid, latest_progress(_log_files(info))))
@@ -78,8 +80,11 @@ def _state(layout: Layout, name: str, info: dict, slurm: dict[str, str]) -> str:
     jid = str(info.get("job_id", ""))
     if kind == "train":
         done = layout.trained(int(rest[0].removeprefix("fold")), rest[1]) if rest[0].startswith("fold") else False
-    elif kind == "evaluate":
+    elif kind in ("evaluate", "fuse"):
         done = (layout.root / "eval" / rest[0] / "done.json").is_file()
+    elif kind == "infer":  # its outputs (and their done.json) are removed once the fold is fused
+        fold_dir = layout.root / "eval" / rest[0]
+        done = (fold_dir / "done.json").is_file() or (fold_dir / "outputs" / rest[1] / "done.json").is_file()
     elif kind == "preprocess":  # a shard has no file of its own: its job's state; the fingerprint ends the stage
         done = (layout.store / "fingerprint.json").is_file() and not (
             info.get("executor") != "slurm" and jid.isdigit() and pid_alive(int(jid)))

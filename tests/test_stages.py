@@ -205,31 +205,39 @@ def _wait_for(path: Path, *, timeout_s: float) -> None:
 @pytest.mark.slurm
 def test_stages_on_slurm_get_their_own_resources(tmp_path, slurm, capsys):
     """A study queued on SLURM: the shards as one array, the trainings as one array after them, the
-    evaluation and report after those, each stage with the CPUs and memory its override asks for."""
+    evaluation fanned out (one infer job per model, as one array after the trainings, and a fuse job
+    after those) and the report after it, each stage with the CPUs and memory its override asks for."""
     ex = ("executor: {kind: slurm, time_min: 20, cpus_per_task: 1, mem_gb: 3, stages: {"
           "preprocess: {array: 2, cpus_per_task: 2, mem_gb: 2, time_min: 15}, "
           "evaluate: {cpus_per_task: 2, mem_gb: 4}, report: {cpus_per_task: 1, mem_gb: 1, time_min: 5}}}")
     cfg = tiny_study(tmp_path, ex)
-    assert main(["cv", str(cfg), "--set", "folds.folds=[0]", "--set", "baselines=[]", "--detach"]) == 0
+    assert main(["cv", str(cfg), "--set", "folds.folds=[0]", "--set", "baselines=[]",
+                 "--set", "evaluation.fan_out=true", "--detach"]) == 0
     root = tmp_path / "study"
     jobs = json.loads((root / "jobs.json").read_text())["jobs"]
-    assert sorted(jobs) == ["evaluate/fold0", "preprocess/shard0", "preprocess/shard1", "report",
-                            "train/fold0/sep-slf1-a05", "train/fold0/sep-slf2-a1"]
+    assert sorted(jobs) == ["fuse/fold0", "infer/fold0/sep-slf1-a05", "infer/fold0/sep-slf2-a1", "preprocess/shard0",
+                            "preprocess/shard1", "report", "train/fold0/sep-slf1-a05", "train/fold0/sep-slf2-a1"]
     # what the scheduler holds for each job, asked while they are queued (sacct may lag or be restarting)
     info = {n: _scontrol(j["job_id"]) for n, j in jobs.items()}
     got = {n: (i["JobName"], i["CPUs/Task"], i["MinMemoryNode"]) for n, i in info.items()}
-    pre, train = ("tiny-preprocess", "2", "2G"), ("tiny-train", "1", "3G")
+    pre, train, ev = ("tiny-preprocess", "2", "2G"), ("tiny-train", "1", "3G"), ("tiny-evaluate", "2", "4G")
     assert got == {"preprocess/shard0": pre, "preprocess/shard1": pre, "train/fold0/sep-slf1-a05": train,
-                   "train/fold0/sep-slf2-a1": train, "evaluate/fold0": ("tiny-evaluate", "2", "4G"),
-                   "report": ("tiny-report", "1", "1G")}
-    shards = {jobs[n]["job_id"].split("_")[0] for n in jobs if n.startswith("preprocess/")}
-    trains = {jobs[n]["job_id"].split("_")[0] for n in jobs if n.startswith("train/")}
-    assert len(shards) == 1 and len(trains) == 1  # one array each
-    assert all(re.fullmatch(r"\d+_[01]", jobs[n]["job_id"]) for n in jobs if n.startswith(("preprocess/", "train/")))
+                   "train/fold0/sep-slf2-a1": train, "infer/fold0/sep-slf1-a05": ev, "infer/fold0/sep-slf2-a1": ev,
+                   "fuse/fold0": ev, "report": ("tiny-report", "1", "1G")}
+    arrays = {kind: {jobs[n]["job_id"].split("_")[0] for n in jobs if n.startswith(kind)}
+              for kind in ("preprocess/", "train/", "infer/")}
+    assert all(len(ids) == 1 for ids in arrays.values())  # one array each
+    assert all(re.fullmatch(r"\d+_[01]", jobs[n]["job_id"]) for n in jobs if n.startswith(tuple(arrays)))
     train_dep = info["train/fold0/sep-slf1-a05"]["Dependency"]
     if train_dep != "(null)":  # (null) once the shards have ended and the dependency is met
-        assert re.match(rf"afterok:{shards.pop()}_[01]", train_dep)
-    assert info["report"]["Dependency"] == f"afterok:{jobs['evaluate/fold0']['job_id']}(unfulfilled)"
+        assert re.match(rf"afterok:{arrays['preprocess/'].pop()}_[01]", train_dep)
+    trains = arrays["train/"].pop()
+    assert re.fullmatch(rf"afterok:{trains}_[01]\(unfulfilled\),afterok:{trains}_[01]\(unfulfilled\)",
+                        info["infer/fold0/sep-slf1-a05"]["Dependency"].replace("&", ","))
+    infer = arrays["infer/"].pop()
+    assert re.fullmatch(rf"afterok:{infer}_[01]\(unfulfilled\),afterok:{infer}_[01]\(unfulfilled\)",
+                        info["fuse/fold0"]["Dependency"].replace("&", ","))
+    assert info["report"]["Dependency"] == f"afterok:{jobs['fuse/fold0']['job_id']}(unfulfilled)"
     _wait_for(root / "report" / "report.json", timeout_s=840)
     # the training logs (SLURM .out files) hold progress lines; status shows them
     out = Path(jobs["train/fold0/sep-slf1-a05"]["stdout"]).read_text()
