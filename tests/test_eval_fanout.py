@@ -163,8 +163,10 @@ def test_fan_out_study_equals_the_single_job_evaluation(trained_study, tmp_path,
     rows = {r[0]: r for r in study_status(root)}
     for m in MODELS:
         _, state, _, line = rows[f"infer/fold0/{m}"]
-        assert state == "done" and re.match(rf"infer fold0/{m} case phantom_\d+: [\d.]+ s, (probabil|labels)", line)
-    assert rows["fuse/fold0"][1] == "done" and rows["fuse/fold0"][3].startswith("evaluate fold0 case ")
+        # the job's last line: its case count, seconds and peak RSS
+        assert state == "done" and re.match(rf"infer fold0/{m}: [23] case\(s\) in \d+ s, peak RSS [\d.]+ GiB$", line)
+    assert rows["fuse/fold0"][1] == "done"
+    assert re.match(r"evaluate fold0: 2 test case\(s\) in \d+ s, peak RSS", rows["fuse/fold0"][3])
     assert [r[0] for r in study_status(root)][-5:] == [*(f"infer/fold0/{m}" for m in MODELS), "fuse/fold0", "report"]
     ours, single = root / "eval" / "fold0", trained_study.parent / "study" / "eval" / "fold0"
     assert not (ours / "outputs").exists() and (root / "report" / "report.json").is_file()
