@@ -178,3 +178,18 @@ def test_load_trained_reads_spec_done_and_weights_only(trained_study, tmp_path):
     (model_dir / "best.pt").write_bytes(data[: len(data) // 2])  # a truncated checkpoint
     with pytest.raises(DataError, match="best.pt"):
         load_trained(model_dir)
+
+
+def test_predict_pastes_back_labels_and_uncertainty_never_probabilities(trained_study, tmp_path, monkeypatch):
+    """The memory contract at 512x512: what goes back to the scan's grid is one 3-D map at a time (labels,
+    entropy), never a (K, Z, Y, X) array on the original grid."""
+    import sepnet.data.grid as grid
+
+    pasted, real = [], grid.to_original
+    monkeypatch.setattr(grid, "to_original", lambda a, meta, **kw: pasted.append(np.ndim(a)) or real(a, meta, **kw))
+    case = make_case(seed=[99, 1], size="tiny", case_id="new")
+    src = tmp_path / "in"
+    write_case(case, src, format="structseg")
+    assert main(["predict", "-i", str(src / "new" / "data.nii.gz"), "-o", str(tmp_path / "out"),
+                 "--study", str(trained_study.parent / "study")]) == 0
+    assert pasted == [3, 3]  # the labels and the vote entropy
