@@ -57,7 +57,9 @@ class PreprocessReport:
         return not self.failed
 
 
-def _codecs(codec: str, clevel: int):
+def zarr_compressors(codec: str, clevel: int):
+    """The Zarr compressors of a store's arrays (``Plan.codec``/``clevel``: Blosc with byte shuffle; None for
+    "none"); the evaluation's saved outputs use the same."""
     from zarr.codecs import BloscCodec
 
     if codec == "none":
@@ -162,7 +164,7 @@ def _write_arrays(g, prepared, plan: Plan, fg: np.ndarray, hu_sample: np.ndarray
     image = prepared.image.astype(plan.dtype)  # exact: prepare_case already rounded through plan.dtype
     lab = prepared.label
     chunks = tuple(min(c, s) for c, s in zip(plan.chunks, image.shape))
-    comp = _codecs(plan.codec, plan.clevel)
+    comp = zarr_compressors(plan.codec, plan.clevel)
     g.create_array("image", shape=image.shape, dtype=plan.dtype, chunks=chunks, compressors=comp,
                    fill_value=0)[...] = image
     g.create_array("label", shape=lab.shape, dtype="uint8", chunks=chunks[1:], compressors=comp,

@@ -176,7 +176,7 @@ def save_output(path: Path, values, *, attrs: dict) -> int:
     Slabs of one chunk depth are converted at a time (no float16 copy of the whole volume). Returns bytes."""
     import zarr
 
-    from sepnet.data.preprocess import _codecs
+    from sepnet.data.preprocess import zarr_compressors
 
     values = values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
     probs = values.ndim == 4
@@ -186,7 +186,7 @@ def save_output(path: Path, values, *, attrs: dict) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         arr = zarr.create_array(tmp, shape=values.shape, dtype=dtype, chunks=(values.shape[0], *zyx) if probs else zyx,
-                                compressors=_codecs("zstd", 3), fill_value=0, attributes=attrs)
+                                compressors=zarr_compressors("zstd", 3), fill_value=0, attributes=attrs)
         for z0 in range(0, values.shape[-3], zyx[0]):
             arr[..., z0:z0 + zyx[0], :, :] = values[..., z0:z0 + zyx[0], :, :].astype(dtype)
         size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
