@@ -98,7 +98,8 @@ class ExecutorConfig:
 def peak_rss_gib() -> float:
     """Peak resident memory of this job's largest process so far, GiB: this process or the largest child
     it waited for (a preprocessing worker, a data-loader worker); ``getrusage`` ru_maxrss is KiB on Linux,
-    bytes on macOS. Jobs print it in their last line, so the job logs hold it."""
+    bytes on macOS. Jobs print it in their last line, so the job logs hold it. On Linux a process's figure
+    is at least its forking parent's peak at the fork (a local job's parent is the small `sepnet cv`)."""
     import resource
     import sys
 
